@@ -1,0 +1,274 @@
+//! The built-in Rutter emulator (DESIGN §9): a stand-in for Rutter's API on loopback, used by the
+//! `emulate` and `demo` subcommands and by the integration tests.
+//!
+//! This module owns the emulator end to end: its options ([`EmulatorOptions`]), its HTTP server
+//! ([`Emulator::serve`]: HTTP/1.1 and HTTP/2, h2c by prior knowledge in cleartext, ALPN `h2`/`http/1.1`
+//! over TLS, graceful shutdown), the job lifecycle, idempotency, lists, faults, and what tests
+//! observe ([`Emulator::counters`], [`Emulator::seen`], [`Emulator::job`],
+//! [`Emulator::completions`]). It follows `rutter/API-FACTS.md`; the JSON shapes are those of
+//! `rutter/fixtures/`.
+//!
+//! # Behaviour
+//!
+//! - Every path works under `/versioned/...` and under the legacy root. Every answer has
+//!   `X-Rutter-Request-ID` (a UUID) and a JSON content type; errors are
+//!   `{"error_type", "error_code", "error_message"}`.
+//! - **Jobs.** Writes on async-capable routes ([`crate::routes::RouteTable::default`]) and the three
+//!   report GETs create a job: `prequeued` for the first tenth of its duration (`--job-ms`), then
+//!   `pending`, then `success` / `failure` (or `partial_success` when forced). At the end the job's
+//!   entity is stored (lists show it) and the completion hook fires. The job object is
+//!   `{id, status, request: {method, url, body, idempotency_key?}, response?: {http_status, body}}`,
+//!   `response` only once terminal.
+//! - **`response_mode`** from the query (`async` or `prefer_sync`, last one wins) or a top-level body
+//!   field; `async` wins if either says so; another value is a 400. `async` answers
+//!   `200 {"async_response": {id, response_url, status}}` at once; otherwise the request is held until
+//!   the job ends (answer: the job's `http_status` and body) or `--sync-limit-ms` passes (answer: the
+//!   `async_response`). Both carry `X-Rutter-Job-ID`. `response_url` is
+//!   `{scheme}://{Host}{/versioned if used}/jobs/{id}`.
+//! - **Validation.** A POST/PATCH body that is not a JSON object is 400 `INVALID_REQUEST` at once (no
+//!   job, no `X-Rutter-Job-ID`); attachment POSTs accept any body (multipart). An invoice without
+//!   `customer_id`, or with `customer_id` `"unknown"`, is accepted and its job fails with a 400
+//!   `INVALID_INPUT` response.
+//! - **Results.** Creates answer `{"<singular>": {id, platform_id, ...fields, status, created_at,
+//!   updated_at}}` (`invoices` → `invoice`, `journal_entries` → `journal_entry`, `classes` → `class`);
+//!   the fields are `body["<singular>"]` or, without it, the body minus `response_mode`. PATCH answers
+//!   the merged entity; DELETE `{"<singular>": {"id", "deleted": true}}`; report GETs a one-report
+//!   list; nested creates (`attachments`, `fulfillments`) link their parent.
+//! - **`GET /jobs/:id`**: the job (200) or 404. Needs Basic auth when configured, never an
+//!   `access_token`.
+//! - **`Idempotency-Key`** on job-backed POST/PATCH, scoped by (access_token, method, path, key): the
+//!   same request (body and query compared without `response_mode`, JSON key order ignored) is
+//!   answered from the first job, as that job would be answered now (async_response or held
+//!   result); a different request gets 409 `IDEMPOTENCY_KEY_REUSED`.
+//! - **Credentials.** With `--client-id` and `--client-secret`, every request needs
+//!   `Authorization: Basic base64(id:secret)` (401 `INVALID_CREDENTIALS`). Connection-scoped routes
+//!   need the `access_token` query parameter (400 `MISSING_ACCESS_TOKEN`) unless
+//!   `--no-access-token-check`; `/jobs/:id`, `/connections*` and `/item/public_token/exchange` never do.
+//! - **Lists.** A GET whose last segment is a plural collection name and that is not job-backed
+//!   (`/accounting/invoices`, `/products`, `/accounting/invoices/:id/attachments`, ...) answers
+//!   `{"<plural>": [...], "next_cursor": string|null}` over the seeded entities (`--seed-entities`,
+//!   visible to everyone) and the created ones (visible to their `access_token`), oldest first;
+//!   `limit` defaults to 50, at most 500; `cursor` is the opaque `next_cursor`. `GET /<resource>/:id`
+//!   answers the entity or 404. Other POST/PATCH/PUT/DELETE (e.g. `POST /orders`) are synchronous:
+//!   applied at once, no job. `POST /item/public_token/exchange` and `POST /connections/create`
+//!   mint a connection and an access token.
+//! - **Order of checks**: `X-Emulator-Status`, rate budget, `--error-rate`, `--platform-limit-rate`,
+//!   Basic auth, job poll, access_token, routing. Request bodies over 16 MiB get 413.
+//!
+//! # Per-request headers (`X-Emulator-*`, names case-insensitive; a malformed value is a 400
+//! `INVALID_EMULATOR_HEADER`)
+//!
+//! | header | effect |
+//! |---|---|
+//! | `X-Emulator-Job-Ms: N` | this job runs N ms (0..=86400000) |
+//! | `X-Emulator-Fail: STATUS` | the job ends in `failure` with response `http_status` STATUS and a Rutter error body |
+//! | `X-Emulator-Job-Status: success\|partial_success\|failure` | forces the terminal status (the response stays the job's result; a forced `failure` without a cause gets 400 `INVALID_INPUT`) |
+//! | `X-Emulator-Never-Finish: 1` | the job never ends (stays `pending`) |
+//! | `X-Emulator-Status: STATUS` | answer at once with STATUS and a Rutter error body (429: the rate-limit fixture; 409: the idempotency fixture); no job |
+//! | `X-Emulator-Retry-After: N` | with `X-Emulator-Status`: adds `Retry-After: N` |
+//! | `X-Emulator-Delay-Ms: N` | wait N ms before answering (added to `--slow-ms`) |
+//! | `X-Emulator-Reset: 1` (or `before`) | close the connection without any answer (HTTP/2: reset the stream), before doing anything |
+//! | `X-Emulator-Reset: after` | process the request fully (a job may be created), then close without answering |
+//! | `X-Emulator-Poll-Faults: 429,503,404` | the job's first polls get these statuses in order (Rutter error bodies), then normal answers |
+//! | `X-Emulator-Poll-Retry-After: N` | `Retry-After: N` on those poll faults |
+//! | `X-Emulator-Response-Url: URL` | the `async_response` carries this `response_url` |
+//! | `X-Emulator-Sync: 1` | ignore `response_mode`: the job ends at once and its result is answered synchronously (with `X-Rutter-Job-ID`) |
+//! | `X-Emulator-Bad-Job: no-response` | the terminal job has no `response` (polls and hook) |
+//! | `X-Emulator-Bad-Job: not-json` | polls of the job answer 200 with a truncated, invalid JSON body |
+//! | `X-Emulator-Async-Status: 202` | the `async_response` is sent with this 2xx status |
+//! | `X-Emulator-Body-Bytes: N` | on a list GET: the page is padded with generated entities until the body has at least N bytes (capped at 64 MiB), streamed in 64 KiB chunks |
+//!
+//! Job knobs are fixed when the job is created; an idempotent replay is answered as the first
+//! request's job dictates.
+//!
+//! # Completion hook
+//!
+//! Every job that reaches a terminal status is announced on a broadcast channel
+//! ([`Emulator::completions`], [`JobCompleted`]): the seam for signed `JOB_COMPLETED` webhooks.
+
+mod direct;
+mod entities;
+mod handler;
+mod jobs;
+mod options;
+mod state;
+mod wire;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
+
+pub use options::{EmulatorError, EmulatorOptions};
+pub use state::{Counters, JobCompleted, SeenRequest};
+
+use handler::ConnInfo;
+use state::{lock, Shared};
+
+/// How long a TLS handshake may take before the connection is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request head (HTTP/1).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Concurrent HTTP/2 streams per connection.
+const MAX_CONCURRENT_STREAMS: u32 = 1024;
+
+/// A running (or ready to run) Rutter emulator. Cheap to clone: clones share one state.
+#[derive(Clone)]
+pub struct Emulator {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Emulator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Emulator")
+            .field("options", &self.shared.options)
+            .field("tls", &self.shared.tls.is_some())
+            .finish()
+    }
+}
+
+impl Emulator {
+    /// Validates `options` and loads the TLS certificate and key if given.
+    pub fn new(options: EmulatorOptions) -> Result<Self, EmulatorError> {
+        options.validate()?;
+        let tls = options.tls_config()?;
+        Ok(Emulator {
+            shared: Arc::new(Shared::new(options, tls)),
+        })
+    }
+
+    /// The options this emulator runs with.
+    pub fn options(&self) -> &EmulatorOptions {
+        &self.shared.options
+    }
+
+    /// Whether [`Emulator::serve`] speaks TLS (`https`) rather than cleartext.
+    pub fn is_tls(&self) -> bool {
+        self.shared.tls.is_some()
+    }
+
+    /// Serves connections from `listener` until `shutdown` resolves, then stops accepting and waits
+    /// for the connections in progress to finish (graceful: idle connections close at once, held
+    /// requests are answered). HTTP/1.1 and HTTP/2 (h2c by prior knowledge in cleartext, ALPN over
+    /// TLS). Accept errors are logged and retried, so this only returns once shut down.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let graceful = GracefulShutdown::new();
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+        let local = listener.local_addr()?;
+        let info = Arc::new(ConnInfo {
+            scheme: if self.is_tls() { "https" } else { "http" },
+            local,
+        });
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        let shared = Arc::clone(&self.shared);
+                        let builder = builder.clone();
+                        let info = Arc::clone(&info);
+                        let watcher = graceful.watcher();
+                        tokio::spawn(connection(shared, builder, info, stream, watcher));
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "emulator: accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        graceful.shutdown().await;
+        Ok(())
+    }
+
+    /// A snapshot of the counters.
+    pub fn counters(&self) -> Counters {
+        self.shared.counters.snapshot()
+    }
+
+    /// The requests received, oldest first (the last 50 000, with at most 256 MiB of bodies).
+    pub fn seen(&self) -> Vec<SeenRequest> {
+        self.shared.seen()
+    }
+
+    /// The job object as `GET /jobs/:id` would return it now, or `None` for an unknown id.
+    pub fn job(&self, id: &str) -> Option<serde_json::Value> {
+        self.shared.with_job(id, |job, now| job.value(now))
+    }
+
+    /// Subscribes to "a job reached a terminal status" events (broadcast; a subscriber that falls
+    /// more than 4096 events behind misses the oldest).
+    pub fn completions(&self) -> broadcast::Receiver<JobCompleted> {
+        self.shared.completed.subscribe()
+    }
+
+    /// The number of jobs currently stored.
+    pub fn job_count(&self) -> usize {
+        lock(&self.shared.jobs).map.len()
+    }
+}
+
+/// Serves one accepted connection (after the TLS handshake, if any).
+async fn connection(
+    shared: Arc<Shared>,
+    builder: auto::Builder<TokioExecutor>,
+    info: Arc<ConnInfo>,
+    stream: TcpStream,
+    watcher: Watcher,
+) {
+    let service = {
+        let shared = Arc::clone(&shared);
+        let info = Arc::clone(&info);
+        service_fn(move |request| handler::handle(Arc::clone(&shared), Arc::clone(&info), request))
+    };
+    let result = match &shared.tls {
+        Some(config) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
+            let tls =
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, "emulator: TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!("emulator: TLS handshake timed out");
+                        return;
+                    }
+                };
+            watcher
+                .watch(builder.serve_connection(TokioIo::new(tls), service))
+                .await
+        }
+        None => {
+            watcher
+                .watch(builder.serve_connection(TokioIo::new(stream), service))
+                .await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, "emulator: connection ended with an error");
+    }
+}
