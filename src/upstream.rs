@@ -1,0 +1,196 @@
+//! The client side towards Rutter: one pooled hyper-util client over rustls (ring provider, the web
+//! roots plus `upstream.ca_file`), HTTP/1.1 and HTTP/2 by ALPN, with the connect and request timeouts,
+//! and the classification of upstream failures into [`ProxyError`]s.
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+
+use crate::body::Body;
+use crate::config::{BaseUrl, UpstreamConfig};
+use crate::error::ProxyError;
+
+/// Builds the rustls client configuration: the Mozilla web roots, plus every certificate in `ca_file`.
+pub fn tls_config(ca_file: Option<&Path>) -> io::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let mut added = 0;
+        for cert in CertificateDer::pem_file_iter(path).map_err(|e| pem_error(path, e))? {
+            let cert = cert.map_err(|e| pem_error(path, e))?;
+            roots.add(cert).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: {e}", path.display()),
+                )
+            })?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: no PEM certificates found", path.display()),
+            ));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| io::Error::other(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(config)
+}
+
+fn pem_error(path: &Path, error: rustls_pki_types::pem::Error) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("{}: {error}", path.display()),
+    )
+}
+
+/// What the caller learns about a failed exchange, besides the error for the app.
+#[derive(Debug)]
+pub struct UpstreamFailure {
+    /// The error to answer with.
+    pub error: ProxyError,
+    /// True when the request certainly never left the sidecar (connect failed), so even a write
+    /// without an idempotency key may be retried.
+    pub nothing_sent: bool,
+}
+
+/// The pooled client towards Rutter.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, Body>,
+    base: BaseUrl,
+    request_timeout: Duration,
+}
+
+impl Upstream {
+    /// Builds the client. Reads `upstream.ca_file` when set.
+    pub fn new(config: &UpstreamConfig) -> io::Result<Self> {
+        let tls = tls_config(config.ca_file.as_deref())?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(config.max_in_flight.max(1))
+            .build(https);
+        Ok(Upstream {
+            client,
+            base: config.base_url.clone(),
+            request_timeout: config.request_timeout,
+        })
+    }
+
+    /// The configured base URL.
+    pub fn base(&self) -> &BaseUrl {
+        &self.base
+    }
+
+    /// Sends a request and returns once the response head arrives (the body streams afterwards).
+    pub async fn send(
+        &self,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamFailure> {
+        match tokio::time::timeout(self.request_timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(error)) => Err(classify(&error)),
+            Err(_) => Err(UpstreamFailure {
+                error: ProxyError::UpstreamTimeout(self.request_timeout),
+                nothing_sent: false,
+            }),
+        }
+    }
+
+    /// Sends a request and reads the whole response body (at most `max_body` bytes), all within
+    /// `upstream.request_timeout`.
+    pub async fn send_buffered(
+        &self,
+        request: Request<Body>,
+        max_body: usize,
+    ) -> Result<(http::response::Parts, Bytes), UpstreamFailure> {
+        let exchange = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| classify(&e))?;
+            let (parts, body) = response.into_parts();
+            let bytes =
+                Limited::new(body, max_body)
+                    .collect()
+                    .await
+                    .map_err(|e| UpstreamFailure {
+                        error: ProxyError::UpstreamUnavailable(format!(
+                            "the response body could not be read: {}",
+                            describe(&*e)
+                        )),
+                        nothing_sent: false,
+                    })?;
+            Ok((parts, bytes.to_bytes()))
+        };
+        match tokio::time::timeout(self.request_timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(UpstreamFailure {
+                error: ProxyError::UpstreamTimeout(self.request_timeout),
+                nothing_sent: false,
+            }),
+        }
+    }
+}
+
+/// Turns a client error into the app-facing error, and tells whether anything was sent.
+fn classify(error: &hyper_util::client::legacy::Error) -> UpstreamFailure {
+    let detail = describe(error);
+    if error.is_connect() {
+        UpstreamFailure {
+            error: ProxyError::UpstreamUnavailable(format!("connect failed: {detail}")),
+            nothing_sent: true,
+        }
+    } else {
+        UpstreamFailure {
+            error: ProxyError::UpstreamUnavailable(detail),
+            nothing_sent: false,
+        }
+    }
+}
+
+/// The error and its sources, joined, without URIs (hyper errors do not carry them).
+pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        let part = inner.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = inner.source();
+    }
+    text
+}
