@@ -205,8 +205,11 @@ async fn demo() -> Result<(), String> {
         }
     );
     check(
-        retry.status == StatusCode::OK && retry.job_id == first.job_id && retry.body == first.body,
-        "the retry gets the same invoice from the same job",
+        retry.status == StatusCode::OK
+            && retry.replayed
+            && retry.job_id == first.job_id
+            && retry.body == first.body,
+        "the retry is replayed: the same invoice from the same job, no second write",
         &mut failures,
     );
     let jobs = emulator

@@ -164,12 +164,23 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         headers.insert(X_SIDECAR_ERROR, HeaderValue::from_static(self.code()));
-        if let ProxyError::JobWaitTimeout { job_id } = self {
-            if let Ok(value) = HeaderValue::from_str(job_id) {
-                headers.insert("x-rutter-job-id", value);
-            }
+        if let Some(value) = self.job_id().and_then(|id| HeaderValue::from_str(id).ok()) {
+            headers.insert("x-rutter-job-id", value);
         }
         response
+    }
+
+    /// The Rutter job the error is about, if any (returned to the app in `X-Rutter-Job-ID`).
+    pub fn job_id(&self) -> Option<&str> {
+        match self {
+            ProxyError::JobWaitTimeout { job_id }
+            | ProxyError::JobNotFound { job_id, .. }
+            | ProxyError::JobPollRejected { job_id, .. }
+            | ProxyError::JobResultInvalid { job_id, .. } => {
+                Some(job_id).filter(|id| !id.is_empty()).map(String::as_str)
+            }
+            _ => None,
+        }
     }
 }
 

@@ -13,6 +13,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
@@ -21,16 +22,20 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Frame;
 use http_body_util::{BodyExt, BodyStream, Limited, StreamBody};
 use serde::Deserialize;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::body::{self, Body, BoxError};
 use crate::config::{BaseUrl, Config, Credentials, OnTimeout};
 use crate::error::ProxyError;
-use crate::jobs::{JobRegistry, Outcome, PollTarget, TrackError, MAX_JOB_BYTES};
+use crate::idempotency::{
+    self, Claim, Digest, FlightEnd, FlightState, IdempotencyStore, StoredAnswer,
+};
+use crate::jobs::{self, JobRegistry, Outcome, PollTarget, TrackError, MAX_JOB_BYTES};
 use crate::proxy;
 use crate::rewrite::{self, BodyMode};
 use crate::routes::{split_path, RoutePattern};
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamFailure};
 
 /// `X-Rutter-Job-ID`: the job behind an answer.
 pub const X_RUTTER_JOB_ID: HeaderName = HeaderName::from_static("x-rutter-job-id");
@@ -200,6 +205,7 @@ pub struct Proxy {
     config: Arc<Config>,
     upstream: Upstream,
     jobs: Arc<JobRegistry>,
+    idempotency: IdempotencyStore,
     injected_authorization: Option<HeaderValue>,
 }
 
@@ -213,6 +219,49 @@ struct Inspection {
     respond_async: bool,
 }
 
+/// The parts of the app's request the later phases use (cheap to clone into a flight task).
+#[derive(Clone)]
+struct AppRequest {
+    method: Method,
+    version: Version,
+    headers: HeaderMap,
+    versioned: bool,
+    peer: SocketAddr,
+}
+
+/// The upstream's answer to a buffered write.
+enum WriteAnswer {
+    /// Anything but an `async_response`: goes back to the app as is.
+    Final {
+        head: http::response::Parts,
+        body: Bytes,
+    },
+    /// An `async_response`: the job to wait for.
+    Async(AsyncAnswer),
+}
+
+/// How a facade POST/PATCH takes part in idempotency.
+struct KeyPlan {
+    /// The `Idempotency-Key` value sent upstream.
+    key: String,
+    /// True when the sidecar generated it (it is returned to the app).
+    generated: bool,
+    cache_key: Digest,
+    fingerprint: Digest,
+}
+
+/// Most attempts of one write (the first included).
+const MAX_WRITE_ATTEMPTS: u32 = 6;
+/// First backoff between write attempts; doubles, with full jitter, up to [`MAX_WRITE_BACKOFF`].
+const WRITE_BACKOFF: Duration = Duration::from_millis(250);
+/// Longest backoff between write attempts without `Retry-After`.
+const MAX_WRITE_BACKOFF: Duration = Duration::from_secs(5);
+
+/// `Idempotency-Key` request and response header.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// `Idempotent-Replayed: true` marks an answer replayed from the idempotency store.
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
 impl Proxy {
     /// Builds the pipeline around an upstream client and a job registry.
     pub fn new(
@@ -223,6 +272,7 @@ impl Proxy {
     ) -> Self {
         Proxy {
             injected_authorization: credentials.basic_authorization(),
+            idempotency: IdempotencyStore::new(&config.idempotency),
             config,
             upstream,
             jobs,
@@ -234,8 +284,17 @@ impl Proxy {
         &self.jobs
     }
 
+    /// The idempotency store (for operations and tests).
+    pub fn idempotency(&self) -> &IdempotencyStore {
+        &self.idempotency
+    }
+
     /// Serves one app request; never fails: errors become sidecar error responses.
-    pub async fn handle<B>(&self, request: Request<B>, peer: SocketAddr) -> Response<Body>
+    pub async fn handle<B>(
+        self: &Arc<Self>,
+        request: Request<B>,
+        peer: SocketAddr,
+    ) -> Response<Body>
     where
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
@@ -291,7 +350,7 @@ impl Proxy {
     }
 
     async fn serve<B>(
-        &self,
+        self: &Arc<Self>,
         request: Request<B>,
         peer: SocketAddr,
         started: Instant,
@@ -306,7 +365,7 @@ impl Proxy {
             ));
         }
         let (parts, incoming) = request.into_parts();
-        let mut inspection = self.classify(&parts, started);
+        let inspection = self.classify(&parts, started);
         let span = tracing::info_span!(
             "request",
             class = inspection.class.as_str(),
@@ -315,151 +374,439 @@ impl Proxy {
                 .as_ref()
                 .map(|r| r.template())
                 .unwrap_or("-"),
-            job_id = tracing::field::Empty
+            job_id = tracing::field::Empty,
+            key = tracing::field::Empty,
         );
-        let _enter = span.enter();
         let path = parts.uri.path().to_string();
         let query = parts.uri.query().map(str::to_string);
+        let app = AppRequest {
+            method: parts.method,
+            version: parts.version,
+            headers: parts.headers,
+            versioned: inspection.versioned,
+            peer,
+        };
+        let work = async {
+            match inspection.class {
+                Class::Facade => {
+                    self.facade(app, &path, query.as_deref(), incoming, inspection)
+                        .await
+                }
+                Class::ExplicitAsync | Class::Passthrough => {
+                    self.passthrough(app, &path, query.as_deref(), incoming, inspection)
+                        .await
+                }
+            }
+        };
+        tracing::Instrument::instrument(work, span).await
+    }
 
-        match inspection.class {
-            Class::Facade => {
-                // Phase 2: read.
-                let limit = self.config.facade.max_body;
-                if content_length(&parts.headers).is_some_and(|len| len > limit as u64) {
-                    return Err(ProxyError::BodyTooLarge { limit });
-                }
-                let bytes = Limited::new(incoming, limit).collect().await.map_err(|e| {
-                    if e.is::<http_body_util::LengthLimitError>() {
-                        ProxyError::BodyTooLarge { limit }
-                    } else {
-                        ProxyError::BadRequest(format!("the request body could not be read: {e}"))
-                    }
-                })?;
-                let bytes = bytes.to_bytes();
-                if let BodyMode::Object(Some(mode)) = rewrite::body_response_mode(&bytes) {
-                    if mode == "async" {
-                        inspection.class = Class::ExplicitAsync;
-                        span.record("class", Class::ExplicitAsync.as_str());
-                        let target = proxy::path_and_query(&path, query.as_deref());
-                        return self
-                            .forward_buffered(&parts, &target, bytes, peer)
-                            .await
-                            .map(|(r, _)| r);
-                    }
-                }
-                // Phase 3: rewrite.
-                let modes = self.config.facade.response_mode_in;
-                let body_rewritten = if modes.body {
-                    rewrite::rewrite_json_body(&bytes)
+    /// The facade path: read, rewrite, then write (through the idempotency layer for POST/PATCH) and
+    /// await.
+    async fn facade<B>(
+        self: &Arc<Self>,
+        mut app: AppRequest,
+        path: &str,
+        query: Option<&str>,
+        incoming: B,
+        inspection: Inspection,
+    ) -> Result<Response<Body>, ProxyError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        // Phase 2: read.
+        let limit = self.config.facade.max_body;
+        if content_length(&app.headers).is_some_and(|len| len > limit as u64) {
+            return Err(ProxyError::BodyTooLarge { limit });
+        }
+        let bytes = Limited::new(incoming, limit)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    ProxyError::BodyTooLarge { limit }
                 } else {
-                    None
-                };
-                let use_query = modes.query || (modes.body && body_rewritten.is_none());
-                let new_query = if use_query {
-                    Some(rewrite::rewrite_query(query.as_deref()))
-                } else {
-                    query.clone()
-                };
-                let new_body = body_rewritten.map(Bytes::from).unwrap_or(bytes);
-                let target = proxy::path_and_query(&path, new_query.as_deref());
-                // Phase 4: forward.
-                let (response, answer) = self
-                    .forward_buffered(&parts, &target, new_body, peer)
+                    ProxyError::BadRequest(format!("the request body could not be read: {e}"))
+                }
+            })?
+            .to_bytes();
+        if rewrite::body_response_mode(&bytes) == BodyMode::Object(Some("async".into())) {
+            tracing::Span::current().record("class", Class::ExplicitAsync.as_str());
+            let target = proxy::path_and_query(path, query);
+            return match self
+                .write(&app, &target, bytes, inspection.deadline, false)
+                .await?
+            {
+                WriteAnswer::Final { head, body } => Ok(buffered_response(head, body)),
+                WriteAnswer::Async(answer) => Ok(answer.into_response()),
+            };
+        }
+        // Idempotency applies to POST and PATCH (DESIGN §6); `Prefer: respond-async` is not awaited, so
+        // Rutter's own idempotency serves it.
+        let plan =
+            if matches!(app.method, Method::POST | Method::PATCH) && !inspection.respond_async {
+                self.key_plan(&mut app, path, query, &bytes)?
+            } else {
+                None
+            };
+        // Phase 3: rewrite.
+        let modes = self.config.facade.response_mode_in;
+        let body_rewritten = if modes.body {
+            rewrite::rewrite_json_body(&bytes)
+        } else {
+            None
+        };
+        let use_query = modes.query || (modes.body && body_rewritten.is_none());
+        let new_query = if use_query {
+            Some(rewrite::rewrite_query(query))
+        } else {
+            query.map(str::to_string)
+        };
+        let new_body = body_rewritten.map(Bytes::from).unwrap_or(bytes);
+        let target = proxy::path_and_query(path, new_query.as_deref());
+        // Phases 4–6: forward, await, reply.
+        match plan {
+            Some(plan) => {
+                let generated = plan.generated.then(|| plan.key.clone());
+                let mut response = self
+                    .idempotent_write(app, target, new_body, plan, &inspection)
                     .await?;
-                // Phase 5 and 6: await and reply.
-                match answer {
-                    Some(answer) if !inspection.respond_async => {
-                        self.await_job(&parts, &inspection, answer, &span).await
-                    }
-                    Some(answer) => Ok(answer.into_response()),
-                    None => Ok(response),
+                if let Some(key) = generated.and_then(|k| HeaderValue::from_str(&k).ok()) {
+                    response.headers_mut().insert(IDEMPOTENCY_KEY, key);
                 }
+                Ok(response)
             }
-            Class::ExplicitAsync | Class::Passthrough => {
-                let target = proxy::path_and_query(&path, query.as_deref());
-                let is_write =
-                    !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
-                let body = if inspection.class == Class::Passthrough
-                    && is_write
-                    && is_json(&parts.headers)
-                {
-                    match peek_body(incoming, self.config.facade.max_body).await {
-                        Ok(Peeked::Complete(bytes)) => {
-                            if rewrite::body_response_mode(&bytes)
-                                == BodyMode::Object(Some("async".into()))
-                            {
-                                inspection.class = Class::ExplicitAsync;
-                                span.record("class", Class::ExplicitAsync.as_str());
-                            }
-                            body::full(bytes)
-                        }
-                        Ok(Peeked::Streaming(body)) => body,
-                        Err(e) => {
-                            return Err(ProxyError::BadRequest(format!(
-                                "the request body could not be read: {e}"
-                            )))
-                        }
-                    }
-                } else {
-                    body::boxed(incoming)
-                };
-                let request = self.upstream_request(&parts, &target, body, peer)?;
-                let response = self.upstream.send(request).await.map_err(|f| f.error)?;
-                let may_be_async = inspection.class == Class::Passthrough
-                    && (is_write || inspection.route.is_some())
-                    && response.status() == StatusCode::OK
-                    && is_json(response.headers());
-                if !may_be_async {
-                    return Ok(streamed_response(response));
+            None => match self
+                .write(&app, &target, new_body, inspection.deadline, false)
+                .await?
+            {
+                WriteAnswer::Final { head, body } => Ok(buffered_response(head, body)),
+                WriteAnswer::Async(answer) if inspection.respond_async => {
+                    Ok(answer.into_response())
                 }
-                let (mut head, incoming) = response.into_parts();
-                match peek_body(incoming, MAX_JOB_BYTES).await {
-                    Ok(Peeked::Complete(bytes)) => match parse_async_response(&bytes) {
-                        Some(Ok(job)) => {
-                            tracing::info!(job_id = %job.id, "prefer_sync gave up; awaiting the job");
-                            let answer = AsyncAnswer {
-                                head,
-                                body: bytes,
-                                job,
-                            };
-                            self.await_job(&parts, &inspection, answer, &span).await
-                        }
-                        Some(Err(error)) => Err(error),
-                        None => {
-                            proxy::prepare_response_headers(&mut head.headers, head.version);
-                            head.headers.remove(header::CONTENT_LENGTH);
-                            head.version = Version::HTTP_11;
-                            Ok(Response::from_parts(head, body::full(bytes)))
-                        }
+                WriteAnswer::Async(answer) => {
+                    self.await_job(&app, answer, inspection.deadline).await
+                }
+            },
+        }
+    }
+
+    /// Validates or generates the `Idempotency-Key` and computes the cache key and fingerprint from the
+    /// request as the app sent it.
+    fn key_plan(
+        &self,
+        app: &mut AppRequest,
+        path: &str,
+        query: Option<&str>,
+        body: &[u8],
+    ) -> Result<Option<KeyPlan>, ProxyError> {
+        let (key, generated) = match app.headers.get(&IDEMPOTENCY_KEY) {
+            Some(value) => (idempotency::validate_key(value)?.to_string(), false),
+            None if self.config.idempotency.generate_missing_keys => {
+                let key = uuid::Uuid::new_v4().to_string();
+                if let Ok(value) = HeaderValue::from_str(&key) {
+                    app.headers.insert(IDEMPOTENCY_KEY, value);
+                }
+                (key, true)
+            }
+            None => return Ok(None),
+        };
+        tracing::Span::current().record("key", idempotency::key_label(&key).as_str());
+        let authorization = app
+            .headers
+            .get(header::AUTHORIZATION)
+            .or(self.injected_authorization.as_ref());
+        let cache_key = idempotency::cache_key(authorization, query, &app.method, path, &key);
+        let fingerprint = idempotency::fingerprint(&app.method, path, query, body);
+        Ok(Some(KeyPlan {
+            key,
+            generated,
+            cache_key,
+            fingerprint,
+        }))
+    }
+
+    /// One upstream write per key: replay, conflict, follow a flight in progress, or lead a new one.
+    async fn idempotent_write(
+        self: &Arc<Self>,
+        app: AppRequest,
+        target: String,
+        body: Bytes,
+        plan: KeyPlan,
+        inspection: &Inspection,
+    ) -> Result<Response<Body>, ProxyError> {
+        let flight = match self.idempotency.claim(plan.cache_key, plan.fingerprint) {
+            Claim::Replay(answer) => {
+                tracing::info!("replayed from the idempotency store");
+                let mut response = stored_response(&answer);
+                response
+                    .headers_mut()
+                    .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+                return Ok(response);
+            }
+            Claim::Conflict => return Err(ProxyError::IdempotencyKeyReused),
+            Claim::Follower(flight) => {
+                tracing::info!("attached to the same write in flight");
+                flight
+            }
+            Claim::Leader(flight) => {
+                // The write and the wait run in their own task: they finish even if this app leaves.
+                let proxy = Arc::clone(self);
+                let leader = app.clone();
+                let cache_key = plan.cache_key;
+                let fingerprint = plan.fingerprint;
+                let deadline = inspection.deadline;
+                let span = tracing::Span::current();
+                tokio::spawn(tracing::Instrument::instrument(
+                    async move {
+                        proxy
+                            .run_flight(leader, target, body, cache_key, fingerprint, deadline)
+                            .await
                     },
-                    Ok(Peeked::Streaming(body)) => {
-                        proxy::prepare_response_headers(&mut head.headers, head.version);
-                        head.version = Version::HTTP_11;
-                        Ok(Response::from_parts(head, body))
-                    }
-                    Err(e) => Err(ProxyError::UpstreamUnavailable(format!(
-                        "the response body could not be read: {e}"
-                    ))),
+                    span,
+                ));
+                flight
+            }
+        };
+        self.follow_flight(flight, inspection.deadline).await
+    }
+
+    /// The leader's task: write (with retries), then wait for the job beyond any app's deadline, then
+    /// store what may be stored and answer every follower.
+    async fn run_flight(
+        self: Arc<Self>,
+        app: AppRequest,
+        target: String,
+        body: Bytes,
+        cache_key: Digest,
+        fingerprint: Digest,
+        deadline: Instant,
+    ) {
+        let end = match self.write(&app, &target, body, deadline, true).await {
+            Err(error) => FlightEnd::Error(error),
+            Ok(WriteAnswer::Final { head, body }) => {
+                let stored = idempotency::storable_upstream_answer(head.status, &head.headers);
+                let answer = StoredAnswer {
+                    fingerprint,
+                    status: head.status,
+                    headers: head.headers,
+                    body,
+                };
+                FlightEnd::Answer { answer, stored }
+            }
+            Ok(WriteAnswer::Async(answer)) => {
+                tracing::Span::current().record("job_id", answer.job.id.as_str());
+                let accepted = StoredAnswer {
+                    fingerprint,
+                    status: answer.head.status,
+                    headers: answer.head.headers.clone(),
+                    body: answer.body.clone(),
+                };
+                self.idempotency.accepted(&cache_key, accepted);
+                let until = Instant::now() + self.config.jobs.track_for;
+                match self.wait_for_job(&app, &answer, until).await {
+                    Ok(Some(outcome)) => match &*outcome {
+                        Ok(result) => {
+                            let response = job_reply(&outcome, &answer);
+                            let answer = StoredAnswer {
+                                fingerprint,
+                                status: result.http_status,
+                                headers: response.headers().clone(),
+                                body: result.body.clone(),
+                            };
+                            FlightEnd::Answer {
+                                answer,
+                                stored: true,
+                            }
+                        }
+                        Err(error) => FlightEnd::Error(error.clone()),
+                    },
+                    Ok(None) | Err(_) => FlightEnd::Error(ProxyError::JobWaitTimeout {
+                        job_id: answer.job.id.clone(),
+                    }),
                 }
             }
+        };
+        self.idempotency.finish(&cache_key, end);
+    }
+
+    /// Waits on a flight until it ends or `deadline` passes.
+    async fn follow_flight(
+        &self,
+        mut flight: watch::Receiver<FlightState>,
+        deadline: Instant,
+    ) -> Result<Response<Body>, ProxyError> {
+        let ended = tokio::time::timeout_at(
+            deadline,
+            flight.wait_for(|s| matches!(s, FlightState::Finished(_))),
+        )
+        .await
+        .ok()
+        .and_then(|r| r.ok().map(|state| state.clone()));
+        let state = ended.unwrap_or_else(|| flight.borrow().clone());
+        match state {
+            FlightState::Finished(end) => match &*end {
+                FlightEnd::Answer { answer, .. } => Ok(stored_response(answer)),
+                FlightEnd::Error(error) => Err(error.clone()),
+            },
+            FlightState::Accepted(async_answer) => match self.config.facade.on_timeout {
+                OnTimeout::AsyncResponse => {
+                    let mut response = stored_response(&async_answer);
+                    if let Some(id) = parse_async_response(&async_answer.body).and_then(Result::ok)
+                    {
+                        if let Ok(id) = HeaderValue::from_str(&id.id) {
+                            response.headers_mut().insert(X_RUTTER_JOB_ID, id);
+                        }
+                    }
+                    Ok(response)
+                }
+                OnTimeout::GatewayTimeout => {
+                    let job_id = parse_async_response(&async_answer.body)
+                        .and_then(Result::ok)
+                        .map(|job| job.id)
+                        .unwrap_or_default();
+                    Err(ProxyError::JobWaitTimeout { job_id })
+                }
+            },
+            // The write itself has not been answered by the deadline.
+            FlightState::Writing => Err(ProxyError::UpstreamTimeout(
+                self.config.upstream.request_timeout,
+            )),
+        }
+    }
+
+    /// Phase 4 for buffered writes: forward, with the retries DESIGN §6 allows. With an idempotency key:
+    /// transport errors, 429/452 (after `Retry-After` or backoff) and 502/503/504, within the deadline.
+    /// Without one: only when the connection failed before anything was sent.
+    async fn write(
+        &self,
+        app: &AppRequest,
+        target: &str,
+        body: Bytes,
+        deadline: Instant,
+        keyed: bool,
+    ) -> Result<WriteAnswer, ProxyError> {
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            let result = self.forward_buffered(app, target, body.clone()).await;
+            let backoff = || {
+                let ceiling = WRITE_BACKOFF
+                    .saturating_mul(1 << attempt.min(10))
+                    .min(MAX_WRITE_BACKOFF);
+                rand::Rng::random_range(&mut rand::rng(), WRITE_BACKOFF..=ceiling)
+            };
+            let retry_in = match &result {
+                Err(failure) if keyed || failure.nothing_sent => Some(backoff()),
+                Ok(WriteAnswer::Final { head, .. }) if keyed => match head.status.as_u16() {
+                    429 | 452 => Some(jobs::retry_after(&head.headers).unwrap_or_else(backoff)),
+                    502..=504 => Some(backoff()),
+                    _ => None,
+                },
+                _ => None,
+            };
+            match retry_in {
+                Some(delay)
+                    if attempt < MAX_WRITE_ATTEMPTS && Instant::now() + delay < deadline =>
+                {
+                    tracing::info!(
+                        attempt,
+                        delay_ms = delay.as_millis() as u64,
+                        "retrying the write"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+                _ => return result.map_err(|failure| failure.error),
+            }
+        }
+    }
+
+    /// The passthrough and explicit-async path: stream, except small JSON write bodies, read to see
+    /// whether they ask for async; await an `async_response` that `prefer_sync` produced.
+    async fn passthrough<B>(
+        &self,
+        app: AppRequest,
+        path: &str,
+        query: Option<&str>,
+        incoming: B,
+        mut inspection: Inspection,
+    ) -> Result<Response<Body>, ProxyError>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let target = proxy::path_and_query(path, query);
+        let is_write = !matches!(app.method, Method::GET | Method::HEAD | Method::OPTIONS);
+        let body = if inspection.class == Class::Passthrough && is_write && is_json(&app.headers) {
+            match peek_body(incoming, self.config.facade.max_body).await {
+                Ok(Peeked::Complete(bytes)) => {
+                    if rewrite::body_response_mode(&bytes) == BodyMode::Object(Some("async".into()))
+                    {
+                        inspection.class = Class::ExplicitAsync;
+                        tracing::Span::current().record("class", Class::ExplicitAsync.as_str());
+                    }
+                    body::full(bytes)
+                }
+                Ok(Peeked::Streaming(body)) => body,
+                Err(e) => {
+                    return Err(ProxyError::BadRequest(format!(
+                        "the request body could not be read: {e}"
+                    )))
+                }
+            }
+        } else {
+            body::boxed(incoming)
+        };
+        let request = self.upstream_request(&app, &target, body)?;
+        let response = self.upstream.send(request).await.map_err(|f| f.error)?;
+        let may_be_async = inspection.class == Class::Passthrough
+            && (is_write || inspection.route.is_some())
+            && response.status() == StatusCode::OK
+            && is_json(response.headers());
+        if !may_be_async {
+            return Ok(streamed_response(response));
+        }
+        let (mut head, incoming) = response.into_parts();
+        match peek_body(incoming, MAX_JOB_BYTES).await {
+            Ok(Peeked::Complete(bytes)) => match parse_async_response(&bytes) {
+                Some(Ok(job)) => {
+                    tracing::info!(job_id = %job.id, "prefer_sync gave up; awaiting the job");
+                    let answer = AsyncAnswer {
+                        head,
+                        body: bytes,
+                        job,
+                    };
+                    self.await_job(&app, answer, inspection.deadline).await
+                }
+                Some(Err(error)) => Err(error),
+                None => Ok(buffered_response(head, bytes)),
+            },
+            Ok(Peeked::Streaming(body)) => {
+                proxy::prepare_response_headers(&mut head.headers, head.version);
+                head.version = Version::HTTP_11;
+                Ok(Response::from_parts(head, body))
+            }
+            Err(e) => Err(ProxyError::UpstreamUnavailable(format!(
+                "the response body could not be read: {e}"
+            ))),
         }
     }
 
     /// Builds the upstream request: method, upstream URI, cleaned headers, injected credentials.
     fn upstream_request(
         &self,
-        parts: &http::request::Parts,
+        app: &AppRequest,
         target: &str,
         body: Body,
-        peer: SocketAddr,
     ) -> Result<Request<Body>, ProxyError> {
         let uri = proxy::upstream_uri(self.upstream.base(), target)?;
         let mut request = Request::new(body);
-        *request.method_mut() = parts.method.clone();
+        *request.method_mut() = app.method.clone();
         *request.uri_mut() = uri;
         let headers = request.headers_mut();
-        *headers = parts.headers.clone();
-        proxy::prepare_request_headers(headers, self.upstream.base(), peer.ip(), parts.version);
+        *headers = app.headers.clone();
+        proxy::prepare_request_headers(headers, self.upstream.base(), app.peer.ip(), app.version);
         self.inject_authorization(headers);
         Ok(request)
     }
@@ -472,74 +819,77 @@ impl Proxy {
         }
     }
 
-    /// Sends a buffered request and reads the answer; returns the app-ready response and, if the
-    /// answer is an `async_response`, its parts.
+    /// Sends a buffered request once and reads the answer.
     async fn forward_buffered(
         &self,
-        parts: &http::request::Parts,
+        app: &AppRequest,
         target: &str,
         bytes: Bytes,
-        peer: SocketAddr,
-    ) -> Result<(Response<Body>, Option<AsyncAnswer>), ProxyError> {
+    ) -> Result<WriteAnswer, UpstreamFailure> {
         let len = bytes.len();
-        let mut request = self.upstream_request(parts, target, body::full(bytes), peer)?;
+        let mut request = self
+            .upstream_request(app, target, body::full(bytes))
+            .map_err(|error| UpstreamFailure {
+                error,
+                nothing_sent: true,
+            })?;
         request
             .headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-        let (mut head, bytes) = self
-            .upstream
-            .send_buffered(request, MAX_JOB_BYTES)
-            .await
-            .map_err(|f| f.error)?;
-        let is_accepted = matches!(head.status, StatusCode::OK | StatusCode::ACCEPTED);
-        if is_accepted {
-            match parse_async_response(&bytes) {
-                Some(Ok(job)) => {
-                    let answer = AsyncAnswer {
-                        head: head.clone(),
-                        body: bytes.clone(),
-                        job,
-                    };
-                    return Ok((buffered_response(head, bytes), Some(answer)));
+        let (head, body) = self.upstream.send_buffered(request, MAX_JOB_BYTES).await?;
+        if matches!(head.status, StatusCode::OK | StatusCode::ACCEPTED) {
+            match parse_async_response(&body) {
+                Some(Ok(job)) => return Ok(WriteAnswer::Async(AsyncAnswer { head, body, job })),
+                Some(Err(error)) => {
+                    return Err(UpstreamFailure {
+                        error,
+                        nothing_sent: false,
+                    })
                 }
-                Some(Err(error)) => return Err(error),
                 None => {}
             }
         }
-        head.headers.remove(header::CONTENT_LENGTH);
-        Ok((buffered_response(head, bytes), None))
+        Ok(WriteAnswer::Final { head, body })
     }
 
-    /// Phases 5 and 6: wait on the job's tracker until its outcome or the deadline, then reply.
-    async fn await_job(
+    /// Registers a wait on the answer's job and waits until `until`.
+    async fn wait_for_job(
         &self,
-        parts: &http::request::Parts,
-        inspection: &Inspection,
-        answer: AsyncAnswer,
-        span: &tracing::Span,
-    ) -> Result<Response<Body>, ProxyError> {
-        span.record("job_id", answer.job.id.as_str());
-        let uri = poll_uri(self.upstream.base(), inspection.versioned, &answer.job)?;
+        app: &AppRequest,
+        answer: &AsyncAnswer,
+        until: Instant,
+    ) -> Result<Option<Arc<Outcome>>, ProxyError> {
+        let uri = poll_uri(self.upstream.base(), app.versioned, &answer.job)?;
         let mut headers = HeaderMap::new();
-        if let Some(auth) = parts.headers.get(header::AUTHORIZATION) {
+        if let Some(auth) = app.headers.get(header::AUTHORIZATION) {
             headers.insert(header::AUTHORIZATION, auth.clone());
         }
         self.inject_authorization(&mut headers);
-        if let Some(version) = parts.headers.get(&X_RUTTER_VERSION) {
+        if let Some(version) = app.headers.get(&X_RUTTER_VERSION) {
             headers.insert(X_RUTTER_VERSION, version.clone());
         }
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
         let target = PollTarget { uri, headers };
-        let waited = match self.jobs.track(&answer.job.id, target) {
-            Ok(mut waiter) => waiter.wait_until(inspection.deadline).await,
+        match self.jobs.track(&answer.job.id, target) {
+            Ok(mut waiter) => Ok(waiter.wait_until(until).await),
             Err(TrackError::TooManyJobs) => {
                 tracing::warn!(
                     "jobs.max_tracked reached; answering at once with the on_timeout reply"
                 );
-                None
+                Ok(None)
             }
-        };
-        match waited {
+        }
+    }
+
+    /// Phases 5 and 6 without idempotency: wait until the outcome or the deadline, then reply.
+    async fn await_job(
+        &self,
+        app: &AppRequest,
+        answer: AsyncAnswer,
+        deadline: Instant,
+    ) -> Result<Response<Body>, ProxyError> {
+        tracing::Span::current().record("job_id", answer.job.id.as_str());
+        match self.wait_for_job(app, &answer, deadline).await? {
             Some(outcome) => Ok(job_reply(&outcome, &answer)),
             None => match self.config.facade.on_timeout {
                 OnTimeout::AsyncResponse => Ok(answer.into_response()),
@@ -591,6 +941,24 @@ fn job_reply(outcome: &Outcome, answer: &AsyncAnswer) -> Response<Body> {
         headers.insert(X_RUTTER_REQUEST_ID, request_id.clone());
     }
     proxy::append_via(headers, answer.head.version);
+    response
+}
+
+/// An answer from the idempotency store or a flight (headers already cleaned).
+fn stored_response(answer: &StoredAnswer) -> Response<Body> {
+    let mut response = Response::new(body::full(answer.body.clone()));
+    *response.status_mut() = answer.status;
+    let headers = response.headers_mut();
+    *headers = answer.headers.clone();
+    proxy::remove_hop_by_hop(headers);
+    headers.remove(header::CONTENT_LENGTH);
+    if !headers
+        .get(header::VIA)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains(proxy::VIA_PSEUDONYM))
+    {
+        proxy::append_via(headers, Version::HTTP_11);
+    }
     response
 }
 

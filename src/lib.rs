@@ -23,6 +23,7 @@ pub mod demo;
 pub mod emulator;
 pub mod error;
 pub mod facade;
+pub mod idempotency;
 pub mod jobs;
 pub mod proxy;
 pub mod rewrite;

@@ -60,11 +60,16 @@ fn pair_key_value(pair: &str) -> (Cow<'_, str>, Cow<'_, str>) {
 
 /// The `response_mode` values in a raw query string, in order.
 pub fn query_response_modes(query: Option<&str>) -> Vec<String> {
+    query_values(query, RESPONSE_MODE)
+}
+
+/// The decoded values of every `name` parameter in a raw query string, in order.
+pub fn query_values(query: Option<&str>, name: &str) -> Vec<String> {
     query
         .unwrap_or("")
         .split('&')
         .map(pair_key_value)
-        .filter(|(k, _)| k == RESPONSE_MODE)
+        .filter(|(k, _)| k == name)
         .map(|(_, v)| v.into_owned())
         .collect()
 }
