@@ -189,6 +189,14 @@ pub struct WebhooksConfig {
     pub forward_to: Option<http::Uri>,
     /// `webhooks.forward_job_webhooks`: forward JOB webhooks too. Default false.
     pub forward_job_webhooks: bool,
+    /// `webhooks.forward_queue`: webhooks waiting to be forwarded; when full, Rutter is answered 503 so
+    /// it delivers again later. Default 1024.
+    pub forward_queue: usize,
+    /// `webhooks.forward_attempts`: deliveries tried per forwarded webhook. Default 6.
+    pub forward_attempts: usize,
+    /// `webhooks.forward_backoff`: delay before the first forwarding retry; doubles up to 1 min.
+    /// Default 1 s.
+    pub forward_backoff: Duration,
 }
 
 /// `[shutdown]`.
@@ -370,6 +378,9 @@ impl Default for WebhooksConfig {
             verify_signature: true,
             forward_to: None,
             forward_job_webhooks: false,
+            forward_queue: 1024,
+            forward_attempts: 6,
+            forward_backoff: Duration::from_secs(1),
         }
     }
 }
@@ -476,6 +487,9 @@ const SCHEMA: &[(&str, &[&str])] = &[
             "verify_signature",
             "forward_to",
             "forward_job_webhooks",
+            "forward_queue",
+            "forward_attempts",
+            "forward_backoff",
         ],
     ),
     ("shutdown", &["drain_delay", "grace"]),
@@ -1404,6 +1418,17 @@ fn validate(root: &Table, checker: &mut Checker) -> Config {
                 bool_value,
             )
             .unwrap_or(w.forward_job_webhooks),
+        forward_queue: checker
+            .field(&s, "forward_queue", w.forward_queue, count_value)
+            .unwrap_or(w.forward_queue),
+        forward_attempts: checker
+            .field(&s, "forward_attempts", w.forward_attempts, count_value)
+            .unwrap_or(w.forward_attempts),
+        forward_backoff: checker
+            .field(&s, "forward_backoff", w.forward_backoff, |v| {
+                duration_value(v, w.forward_backoff, Zero::Rejected)
+            })
+            .unwrap_or(w.forward_backoff),
     };
 
     // [shutdown]
@@ -1475,7 +1500,7 @@ pub fn format_duration(duration: Duration) -> String {
         return "0s".to_string();
     }
     for (unit, suffix) in UNITS {
-        if nanos % unit == 0 {
+        if nanos.is_multiple_of(unit) {
             return format!("{}{suffix}", nanos / unit);
         }
     }
@@ -1528,7 +1553,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 /// bytes (`"1000B"`); [`parse_size`] reads it back to the same value.
 pub fn format_size(bytes: u64) -> String {
     for (unit, suffix) in [(TIB, "TiB"), (GIB, "GiB"), (MIB, "MiB"), (KIB, "KiB")] {
-        if bytes != 0 && bytes % unit == 0 {
+        if bytes != 0 && bytes.is_multiple_of(unit) {
             return format!("{}{suffix}", bytes / unit);
         }
     }
@@ -1637,6 +1662,9 @@ impl Config {
             format!("verify_signature = {}", w.verify_signature),
             format!("forward_to = {}", quote(&forward_to)),
             format!("forward_job_webhooks = {}", w.forward_job_webhooks),
+            format!("forward_queue = {}", w.forward_queue),
+            format!("forward_attempts = {}", w.forward_attempts),
+            format!("forward_backoff = {}", quote(&d(w.forward_backoff))),
             String::new(),
             "[shutdown]".to_string(),
             format!("drain_delay = {}", quote(&d(s.drain_delay))),

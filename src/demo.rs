@@ -22,6 +22,8 @@ use crate::server::{Listeners, Sidecar};
 
 const TOKEN: &str = "00000000-0000-4000-8000-000000000001";
 const JOB_MS: u64 = 2_000;
+/// A made-up client secret shared by the demo's emulator (signing) and sidecar (verifying).
+const DEMO_SECRET: &str = "demo-client-secret";
 
 const INVOICE: &str = r#"{"invoice":{"customer_id":"8b3e6c0e-2f4a-4a4e-9a43-5d0c7b1f9e21","issue_date":"2026-11-30T00:00:00.000Z","due_date":"2026-12-30T00:00:00.000Z","currency_code":"USD","document_number":"INV-10042","memo":"Net 30 — café supplies","line_items":[{"description":"Espresso beans, 5 kg","quantity":2,"unit_amount":84.5,"total_amount":169.0}]}}"#;
 const BAD_INVOICE: &str =
@@ -106,15 +108,53 @@ pub async fn run() -> ExitCode {
 }
 
 async fn demo() -> Result<(), String> {
+    let bind = || async {
+        TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let (rutter_listener, proxy_listener, webhook_listener) =
+        (bind().await?, bind().await?, bind().await?);
+    let local = |l: &TcpListener| l.local_addr().map_err(|e| e.to_string());
+    let (rutter_addr, addr, webhook_addr) = (
+        local(&rutter_listener)?,
+        local(&proxy_listener)?,
+        local(&webhook_listener)?,
+    );
+
+    // The sidecar: polls from 250 ms, and verifies webhooks with the (demo) client secret.
+    let mut config = Config::default();
+    config.upstream.base_url = parse_base(&format!("http://{rutter_addr}"))?;
+    config.facade.poll_initial = Duration::from_millis(250);
+    config.facade.poll_max = Duration::from_secs(1);
+    let credentials = Credentials {
+        client_id: None,
+        client_secret: Some(DEMO_SECRET.to_string()),
+    };
+    let sidecar = Sidecar::new(config, &credentials).map_err(|e| e.to_string())?;
+    let webhook_stats = sidecar.webhooks.clone();
+    let (stop_sidecar, sidecar_stopped) = oneshot::channel::<()>();
+    let sidecar_task = tokio::spawn(sidecar.serve(
+        Listeners {
+            proxy: proxy_listener,
+            webhooks: webhook_listener,
+        },
+        async move {
+            let _ = sidecar_stopped.await;
+        },
+    ));
+
+    // The emulator: jobs of 2 s, and signed JOB_COMPLETED webhooks to the sidecar, as Rutter sends them.
+    let webhook_url = format!("http://{webhook_addr}/webhooks/rutter")
+        .parse()
+        .map_err(|e| format!("{e}"))?;
     let emulator = Emulator::new(EmulatorOptions {
         job_ms: JOB_MS,
+        webhook_url: Some(webhook_url),
+        client_secret: Some(DEMO_SECRET.to_string()),
         ..EmulatorOptions::default()
     })
     .map_err(|e| e.to_string())?;
-    let rutter_listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| e.to_string())?;
-    let rutter_addr = rutter_listener.local_addr().map_err(|e| e.to_string())?;
     let (stop_rutter, rutter_stopped) = oneshot::channel::<()>();
     let server = emulator.clone();
     let rutter_task = tokio::spawn(async move {
@@ -125,32 +165,13 @@ async fn demo() -> Result<(), String> {
             .await
     });
 
-    let mut config = Config::default();
-    let base = format!("http://{rutter_addr}");
-    config.upstream.base_url = parse_base(&base)?;
-    config.facade.poll_initial = Duration::from_millis(250);
-    config.facade.poll_max = Duration::from_secs(1);
-    let sidecar = Sidecar::new(config, &Credentials::default()).map_err(|e| e.to_string())?;
-    let proxy_listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|e| e.to_string())?;
-    let addr = proxy_listener.local_addr().map_err(|e| e.to_string())?;
-    let (stop_sidecar, sidecar_stopped) = oneshot::channel::<()>();
-    let sidecar_task = tokio::spawn(sidecar.serve(
-        Listeners {
-            proxy: proxy_listener,
-        },
-        async move {
-            let _ = sidecar_stopped.await;
-        },
-    ));
-
     println!("rutter-sidecar demo");
     println!(
         "  Rutter emulator: http://{rutter_addr}  (every job takes {:.1} s)",
         JOB_MS as f64 / 1000.0
     );
     println!("  sidecar:         http://{addr}  (first poll after 250 ms, then backoff up to 1 s)");
+    println!("  webhooks:        Rutter's signed JOB_COMPLETED webhooks go to http://{webhook_addr}/webhooks/rutter");
     println!("  The app below talks only to the sidecar, as a legacy app would talk to Rutter.\n");
 
     let client: Client<HttpConnector, Full<Bytes>> =
@@ -178,7 +199,20 @@ async fn demo() -> Result<(), String> {
         first.waited.as_secs_f64(),
         first.job_id.as_deref().unwrap_or("?")
     );
-    println!("      Rutter saw the write with response_mode=async, then {polls_first} polls of GET /versioned/jobs/:id");
+    let by_webhook = webhook_stats
+        .stats()
+        .jobs_completed
+        .load(std::sync::atomic::Ordering::Relaxed)
+        > 0;
+    println!("      Rutter saw the write with response_mode=async, then {polls_first} polls of GET /versioned/jobs/:id;");
+    println!(
+        "      the answer came {}",
+        if by_webhook {
+            "the moment Rutter's JOB_COMPLETED webhook arrived (no wait for the next poll)"
+        } else {
+            "from a poll"
+        }
+    );
     println!("      body: {}", short(&first.body, 150));
     check(
         first.status == StatusCode::OK && first.body["invoice"]["id"].is_string(),
@@ -217,7 +251,9 @@ async fn demo() -> Result<(), String> {
         .iter()
         .filter(|r| r.method == Method::POST)
         .count();
-    println!("      still one invoice: the retry was answered from job {} ({} write request(s) reached Rutter)", first.job_id.as_deref().unwrap_or("?"), jobs);
+    println!(
+        "      still one invoice: Rutter has seen {jobs} write so far; the retry cost no call to Rutter"
+    );
 
     println!("\n3. GET {invoices}&limit=2  (a read: passed through and streamed)");
     let list = call(
@@ -284,7 +320,7 @@ async fn demo() -> Result<(), String> {
     let seen = emulator.seen();
     let writes = seen.iter().filter(|r| r.method == Method::POST).count();
     println!(
-        "\nRutter saw {} requests: {writes} writes, {} job polls, {} other reads.",
+        "\nRutter saw {} requests: {writes} writes, {} job polls, {} list read(s).",
         seen.len(),
         polls(&emulator),
         seen.len() - writes - polls(&emulator)
@@ -296,7 +332,7 @@ async fn demo() -> Result<(), String> {
     let _ = rutter_task.await;
     if failures.is_empty() {
         println!(
-            "Every app request got a synchronous answer. Next: README.md, \"Running it for real\"."
+            "Every write was answered synchronously (except where the app asked for async). Next: README.md, \"Running it for real\"."
         );
         Ok(())
     } else {

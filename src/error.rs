@@ -84,6 +84,21 @@ pub enum ProxyError {
     /// The sidecar is shutting down and takes no new work.
     #[error("the sidecar is shutting down")]
     ShuttingDown,
+    /// A webhook without a valid `X-Rutter-Signature` (or no client secret to check it with).
+    #[error("the webhook signature is missing or does not match")]
+    WebhookUnauthorized,
+    /// A signed webhook whose body is not the JSON Rutter sends.
+    #[error("the webhook body is not valid: {0}")]
+    WebhookMalformed(String),
+    /// No such path on this listener.
+    #[error("no such endpoint")]
+    NotFound,
+    /// The method is not served on this path.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// A bounded queue is full; the caller should try again later.
+    #[error("the sidecar is overloaded: {0}")]
+    Overloaded(String),
 }
 
 impl ProxyError {
@@ -101,6 +116,11 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => "BODY_TOO_LARGE",
             ProxyError::BadRequest(_) => "BAD_REQUEST",
             ProxyError::ShuttingDown => "SHUTTING_DOWN",
+            ProxyError::WebhookUnauthorized => "WEBHOOK_SIGNATURE_INVALID",
+            ProxyError::WebhookMalformed(_) => "WEBHOOK_MALFORMED",
+            ProxyError::NotFound => "NOT_FOUND",
+            ProxyError::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            ProxyError::Overloaded(_) => "OVERLOADED",
         }
     }
 
@@ -118,6 +138,11 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::WebhookUnauthorized => StatusCode::UNAUTHORIZED,
+            ProxyError::WebhookMalformed(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NotFound => StatusCode::NOT_FOUND,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -132,8 +157,14 @@ impl ProxyError {
             ProxyError::IdempotencyKeyInvalid
             | ProxyError::IdempotencyKeyReused
             | ProxyError::BodyTooLarge { .. }
-            | ProxyError::BadRequest(_) => Party::App,
-            ProxyError::JobWaitTimeout { .. } | ProxyError::ShuttingDown => Party::Sidecar,
+            | ProxyError::BadRequest(_)
+            | ProxyError::WebhookUnauthorized
+            | ProxyError::WebhookMalformed(_)
+            | ProxyError::NotFound
+            | ProxyError::MethodNotAllowed => Party::App,
+            ProxyError::JobWaitTimeout { .. }
+            | ProxyError::ShuttingDown
+            | ProxyError::Overloaded(_) => Party::Sidecar,
         }
     }
 
@@ -145,6 +176,7 @@ impl ProxyError {
                 | ProxyError::UpstreamTimeout(_)
                 | ProxyError::JobWaitTimeout { .. }
                 | ProxyError::ShuttingDown
+                | ProxyError::Overloaded(_)
         )
     }
 
@@ -164,6 +196,9 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         headers.insert(X_SIDECAR_ERROR, HeaderValue::from_static(self.code()));
+        if matches!(self, ProxyError::MethodNotAllowed) {
+            headers.insert(header::ALLOW, HeaderValue::from_static("POST"));
+        }
         if let Some(value) = self.job_id().and_then(|id| HeaderValue::from_str(id).ok()) {
             headers.insert("x-rutter-job-id", value);
         }
@@ -226,6 +261,11 @@ mod tests {
             (ProxyError::BodyTooLarge { limit: 10 }, 413),
             (ProxyError::BadRequest("x".into()), 400),
             (ProxyError::ShuttingDown, 503),
+            (ProxyError::WebhookUnauthorized, 401),
+            (ProxyError::WebhookMalformed("x".into()), 400),
+            (ProxyError::NotFound, 404),
+            (ProxyError::MethodNotAllowed, 405),
+            (ProxyError::Overloaded("queue".into()), 503),
         ];
         for (error, status) in errors {
             let response = error.to_response();

@@ -74,6 +74,9 @@ pub struct AsyncResponse {
     /// Where Rutter says the job can be fetched.
     #[serde(default)]
     pub response_url: Option<String>,
+    /// The job's status when the answer was made.
+    #[serde(default)]
+    pub status: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -869,7 +872,15 @@ impl Proxy {
             headers.insert(X_RUTTER_VERSION, version.clone());
         }
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-        let target = PollTarget { uri, headers };
+        let finished = matches!(
+            answer.job.status.as_deref(),
+            Some("success" | "failure" | "partial_success")
+        );
+        let target = PollTarget {
+            uri,
+            headers,
+            poll_now: finished,
+        };
         match self.jobs.track(&answer.job.id, target) {
             Ok(mut waiter) => Ok(waiter.wait_until(until).await),
             Err(TrackError::TooManyJobs) => {
@@ -995,6 +1006,7 @@ mod tests {
         AsyncResponse {
             id: id.into(),
             response_url: url.map(str::to_string),
+            status: None,
         }
     }
 

@@ -56,6 +56,8 @@ pub struct PollTarget {
     pub uri: Uri,
     /// Headers sent with each poll.
     pub headers: HeaderMap,
+    /// Poll at once instead of after `poll_initial` (the `async_response` already said the job ended).
+    pub poll_now: bool,
 }
 
 /// The AsynchronousJob object, as far as the sidecar reads it.
@@ -366,7 +368,11 @@ impl JobRegistry {
     async fn poll_loop(self: Arc<Self>, job_id: String, tracker: Arc<Tracker>, target: PollTarget) {
         let mut finished = tracker.outcome.subscribe();
         let mut attempt: u32 = 0;
-        let mut delay = self.schedule.delay(0, false, &mut rand::rng());
+        let mut delay = if target.poll_now {
+            Duration::ZERO
+        } else {
+            self.schedule.delay(0, false, &mut rand::rng())
+        };
         let mut alone_since: Option<Instant> = None;
         loop {
             tokio::select! {

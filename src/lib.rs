@@ -30,3 +30,4 @@ pub mod rewrite;
 pub mod routes;
 pub mod server;
 pub mod upstream;
+pub mod webhooks;

@@ -16,17 +16,24 @@ use rutter_sidecar::server::{self, Listeners};
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// The configuration file (TOML).
-    #[arg(long, short, global = true, default_value = "config.toml")]
-    config: PathBuf,
+    #[command(flatten)]
+    config: ConfigArg,
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// The configuration file (TOML). Default: `config.toml` in the current directory; without one the
+    /// built-in defaults are used.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the sidecar (the default).
-    Run,
+    Run(ConfigArg),
     /// Validate the configuration and print the effective settings, secrets redacted.
-    CheckConfig,
+    CheckConfig(ConfigArg),
     /// Run the built-in Rutter emulator.
     Emulate(Box<EmulatorOptions>),
     /// Start the emulator and the sidecar on free loopback ports and show a few requests going through.
@@ -45,9 +52,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match cli.command.unwrap_or(Command::Run) {
-        Command::Run => runtime.block_on(run(&cli.config)),
-        Command::CheckConfig => check_config(&cli.config),
+    match cli.command.unwrap_or(Command::Run(cli.config)) {
+        Command::Run(args) => runtime.block_on(run(args.config.as_deref())),
+        Command::CheckConfig(args) => check_config(args.config.as_deref()),
         Command::Emulate(options) => runtime.block_on(emulate(*options)),
         Command::Demo => runtime.block_on(rutter_sidecar::demo::run()),
     }
@@ -59,10 +66,22 @@ fn environment() -> Vec<(String, String)> {
         .collect()
 }
 
-/// Reads and validates the configuration, printing every problem; `None` means exit 2.
-fn load(path: &Path) -> Option<(Config, Credentials)> {
+/// Reads and validates the configuration, printing every problem; `None` means exit 2. Without
+/// `--config`, `config.toml` is read if it exists, else the built-in defaults apply.
+fn load(path: Option<&Path>) -> Option<(Config, Credentials)> {
+    let default = Path::new("config.toml");
+    let (path, required) = match path {
+        Some(path) => (path, true),
+        None => (default, false),
+    };
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
+        Err(error) if !required && error.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!(
+                "note: no config.toml here and no --config given: using the built-in defaults"
+            );
+            String::new()
+        }
         Err(error) => {
             eprintln!("error: cannot read {}: {error}", path.display());
             return None;
@@ -81,7 +100,7 @@ fn load(path: &Path) -> Option<(Config, Credentials)> {
     }
 }
 
-fn check_config(path: &Path) -> ExitCode {
+fn check_config(path: Option<&Path>) -> ExitCode {
     let Some((config, credentials)) = load(path) else {
         return ExitCode::from(2);
     };
@@ -96,8 +115,10 @@ fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
@@ -105,7 +126,7 @@ fn init_logging(format: LogFormat, level: &str) {
     }
 }
 
-async fn run(path: &Path) -> ExitCode {
+async fn run(path: Option<&Path>) -> ExitCode {
     let Some((config, credentials)) = load(path) else {
         return ExitCode::from(2);
     };
@@ -113,19 +134,42 @@ async fn run(path: &Path) -> ExitCode {
     for warning in config.warnings(&credentials) {
         tracing::warn!("{warning}");
     }
-    let proxy = match tokio::net::TcpListener::bind(config.listen.proxy).await {
-        Ok(listener) => listener,
-        Err(error) => {
-            tracing::error!(addr = %config.listen.proxy, %error, "cannot bind the proxy listener");
-            return ExitCode::FAILURE;
-        }
+    let (Some(proxy), Some(webhooks)) = (
+        bind(config.listen.proxy, "listen.proxy").await,
+        bind(config.listen.webhooks, "listen.webhooks").await,
+    ) else {
+        return ExitCode::FAILURE;
     };
-    tracing::info!(proxy = %config.listen.proxy, upstream = %config.upstream.base_url, "rutter-sidecar listening");
-    match server::run(config, credentials, Listeners { proxy }, shutdown_signal()).await {
+    tracing::info!(
+        proxy = %local(&proxy),
+        webhooks = %local(&webhooks),
+        upstream = %config.upstream.base_url,
+        "rutter-sidecar listening"
+    );
+    let listeners = Listeners { proxy, webhooks };
+    match server::run(config, credentials, listeners, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "the sidecar stopped with an error");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// The address a listener really got (port 0 is resolved).
+fn local(listener: &tokio::net::TcpListener) -> String {
+    listener
+        .local_addr()
+        .map_or_else(|_| "?".into(), |a| a.to_string())
+}
+
+/// Binds one listener, logging why it failed.
+async fn bind(addr: std::net::SocketAddr, name: &str) -> Option<tokio::net::TcpListener> {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => Some(listener),
+        Err(error) => {
+            tracing::error!(%addr, %error, "cannot bind {name}");
+            None
         }
     }
 }
@@ -147,7 +191,7 @@ async fn emulate(options: EmulatorOptions) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(%listen, "Rutter emulator listening");
+    tracing::info!(listen = %local(&listener), "Rutter emulator listening");
     match emulator.serve(listener, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

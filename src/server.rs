@@ -16,10 +16,15 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use crate::body::Body;
 use crate::config::{Config, Credentials};
 use crate::facade::Proxy;
 use crate::jobs::{JobRegistry, PollSchedule};
 use crate::upstream::Upstream;
+use crate::webhooks::WebhookReceiver;
 
 /// Longest time a client may take to send a request head (slow-loris guard).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -28,6 +33,8 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Listeners {
     /// The app-facing proxy listener (`listen.proxy`).
     pub proxy: TcpListener,
+    /// The Rutter-facing webhook listener (`listen.webhooks`).
+    pub webhooks: TcpListener,
 }
 
 /// A running sidecar's shared parts, for callers that want to observe it (tests, demo).
@@ -35,6 +42,8 @@ pub struct Listeners {
 pub struct Sidecar {
     /// The request pipeline.
     pub proxy: Arc<Proxy>,
+    /// The webhook receiver.
+    pub webhooks: Arc<WebhookReceiver>,
 }
 
 impl Sidecar {
@@ -47,8 +56,13 @@ impl Sidecar {
             PollSchedule::from_config(&config.facade),
             config.jobs.clone(),
         );
+        let webhooks = Arc::new(WebhookReceiver::new(
+            &config.webhooks,
+            credentials,
+            Arc::clone(&jobs),
+        ));
         let proxy = Arc::new(Proxy::new(config, upstream, jobs, credentials));
-        Ok(Sidecar { proxy })
+        Ok(Sidecar { proxy, webhooks })
     }
 
     /// Serves on `listeners` until `shutdown` resolves, then lets requests in progress finish.
@@ -57,13 +71,31 @@ impl Sidecar {
         listeners: Listeners,
         shutdown: impl Future<Output = ()> + Send,
     ) -> io::Result<()> {
+        self.webhooks.start_forwarding()?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let proxy = self.proxy.clone();
-        let proxy_task = tokio::spawn(serve_proxy(listeners.proxy, proxy, stop_rx));
+        let proxy_task = tokio::spawn(serve(
+            listeners.proxy,
+            move |request, peer| {
+                let proxy = proxy.clone();
+                async move { proxy.handle(request, peer).await }
+            },
+            stop_rx.clone(),
+        ));
+        let webhooks = self.webhooks.clone();
+        let webhook_task = tokio::spawn(serve(
+            listeners.webhooks,
+            move |request, _peer| {
+                let webhooks = webhooks.clone();
+                async move { webhooks.handle(request).await }
+            },
+            stop_rx,
+        ));
         shutdown.await;
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
         proxy_task.await.map_err(io::Error::other)?;
+        webhook_task.await.map_err(io::Error::other)?;
         Ok(())
     }
 }
@@ -95,7 +127,13 @@ pub fn http_builder() -> auto::Builder<TokioExecutor> {
     builder
 }
 
-async fn serve_proxy(listener: TcpListener, proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) {
+/// Accepts connections on `listener` and serves each request with `handler` until `stop` is set, then
+/// lets the connections in progress finish.
+async fn serve<H, F>(listener: TcpListener, handler: H, mut stop: watch::Receiver<bool>)
+where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
     let builder = http_builder();
     let graceful = GracefulShutdown::new();
     loop {
@@ -111,10 +149,10 @@ async fn serve_proxy(listener: TcpListener, proxy: Arc<Proxy>, mut stop: watch::
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let proxy = proxy.clone();
+                let handler = handler.clone();
                 let service = service_fn(move |request| {
-                    let proxy = proxy.clone();
-                    async move { Ok::<_, Infallible>(proxy.handle(request, peer).await) }
+                    let response = handler(request, peer);
+                    async move { Ok::<_, Infallible>(response.await) }
                 });
                 let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let connection = graceful.watch(connection);

@@ -61,6 +61,31 @@ fn pem_error(path: &Path, error: rustls_pki_types::pem::Error) -> io::Error {
     )
 }
 
+/// A pooled HTTP/1.1 + HTTP/2 client over rustls, for http and https URLs.
+pub fn http_client(
+    tls: rustls::ClientConfig,
+    connect_timeout: Duration,
+    max_idle_per_host: usize,
+) -> Client<HttpsConnector<HttpConnector>, Body> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(max_idle_per_host.max(1))
+        .build(https)
+}
+
 /// What the caller learns about a failed exchange, besides the error for the app.
 #[derive(Debug)]
 pub struct UpstreamFailure {
@@ -83,23 +108,7 @@ impl Upstream {
     /// Builds the client. Reads `upstream.ca_file` when set.
     pub fn new(config: &UpstreamConfig) -> io::Result<Self> {
         let tls = tls_config(config.ca_file.as_deref())?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(config.connect_timeout));
-        http.set_keepalive(Some(Duration::from_secs(60)));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(config.max_in_flight.max(1))
-            .build(https);
+        let client = http_client(tls, config.connect_timeout, config.max_in_flight);
         Ok(Upstream {
             client,
             base: config.base_url.clone(),

@@ -100,13 +100,17 @@ pub(crate) fn seed_entity(key: &str, index: usize) -> Map<String, Value> {
             );
             entity.insert(
                 "status".into(),
-                json!(if index % 2 == 0 { "open" } else { "paid" }),
+                json!(if index.is_multiple_of(2) {
+                    "open"
+                } else {
+                    "paid"
+                }),
             );
             entity.insert("currency_code".into(), json!("USD"));
             entity.insert("total_amount".into(), json!(amount));
             entity.insert(
                 "amount_due".into(),
-                json!(if index % 2 == 0 { amount } else { 0.0 }),
+                json!(if index.is_multiple_of(2) { amount } else { 0.0 }),
             );
         }
         _ => {
@@ -399,6 +403,16 @@ impl EntityStore {
                 .map(|i| seed_entity(key, i))
                 .find(|e| e.get("id").and_then(Value::as_str) == Some(id)),
         }
+    }
+
+    /// The id of the connection minted with `access_token` (`/item/public_token/exchange`,
+    /// `/connections/create`), if there is one.
+    pub(crate) fn connection_id_for(&self, access_token: &str) -> Option<String> {
+        self.resources
+            .get("connections")?
+            .iter()
+            .find(|s| s.entity.get("access_token").and_then(Value::as_str) == Some(access_token))
+            .map(|s| s.id().to_string())
     }
 
     /// Applies a write.

@@ -1,5 +1,6 @@
 //! Job-backed requests: async-capable writes and report GETs create (or, by `Idempotency-Key`,
-//! find) a job and answer with its `async_response` or its held result; `GET /jobs/:id` polls.
+//! find) a job and answer with its `async_response` or its held result (after its webhook, when
+//! early delivery is asked for); `GET /jobs/:id` polls.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -9,12 +10,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Response, StatusCode};
 use serde_json::{json, Map, Value};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use super::entities::{self, entity_fields, Effect};
 use super::handler::Ctx;
 use super::state::{inc, lock, IdempotencyEntry, Job, Plan, Shared};
+use super::webhooks;
 use super::wire::{
     self, bad_request, json_response, not_found, query_last, query_pairs, status_error_value,
     status_response, Terminal, X_RUTTER_JOB_ID,
@@ -119,7 +121,7 @@ pub(crate) async fn job_request(shared: &Arc<Shared>, ctx: &Ctx, template: &str)
     };
     let honours_key = matches!(ctx.method, Method::POST | Method::PATCH);
 
-    let (job_id, replay) = {
+    let (job_id, replay, early) = {
         let mut table = lock(&shared.idempotency);
         let scope = idempotency_key.as_ref().filter(|_| honours_key).map(|key| {
             (
@@ -143,10 +145,10 @@ pub(crate) async fn job_request(shared: &Arc<Shared>, ctx: &Ctx, template: &str)
             }
             Some(entry) if alive => {
                 inc(&shared.counters.idempotent_replays);
-                (entry.job_id, true)
+                (entry.job_id, true, None)
             }
             _ => {
-                let job = new_job(shared, ctx, template, body, idempotency_key.clone());
+                let (job, early) = new_job(shared, ctx, template, body, idempotency_key.clone());
                 let id = job.id.clone();
                 shared.insert_job(job);
                 if ctx.is_write() {
@@ -161,16 +163,33 @@ pub(crate) async fn job_request(shared: &Arc<Shared>, ctx: &Ctx, template: &str)
                         },
                     );
                 }
-                (id, false)
+                (id, false, early)
             }
         }
     };
 
+    // Early delivery: the job ended when it was inserted; its webhook goes first.
+    let early_answer = match early {
+        Some(early) => {
+            let limit = Duration::from_millis(shared.options.webhook_timeout_ms);
+            let _ = tokio::time::timeout(limit, early.delivered).await;
+            Some(early.async_answer)
+        }
+        None => None,
+    };
     if ctx.knobs.sync && !replay {
         return result_answer(shared, &job_id);
     }
     match mode {
-        Mode::Async => async_answer(shared, &job_id),
+        Mode::Async => match early_answer {
+            Some((status, body)) => {
+                inc(&shared.counters.async_answers);
+                let mut response = json_response(status, &body);
+                job_header(&mut response, &job_id);
+                response
+            }
+            None => async_answer(shared, &job_id),
+        },
         Mode::PreferSync => {
             let receiver: Option<watch::Receiver<bool>> =
                 shared.with_job(&job_id, |job, _| job.done.subscribe());
@@ -280,17 +299,30 @@ fn hash_value(value: &Value, hasher: &mut DefaultHasher) {
     }
 }
 
-/// Builds a new job: its `request` object, its planned end, and the knobs that shape it.
+/// What the request that created an early-delivery job waits for, and then answers.
+struct Early {
+    /// Resolves (or fails) once the webhook's first delivery attempt ended, or when there will
+    /// be none.
+    delivered: oneshot::Receiver<()>,
+    /// The `async_response` as it was when the job was accepted (`pending`), with its status.
+    async_answer: (StatusCode, Value),
+}
+
+/// Builds a new job: its `request` object, its planned end, and the knobs that shape it; for
+/// early webhook delivery, also what the creating request waits on.
 fn new_job(
     shared: &Shared,
     ctx: &Ctx,
     template: &str,
     body: Value,
     idempotency_key: Option<String>,
-) -> Job {
+) -> (Job, Option<Early>) {
     let id = shared.new_uuid();
     let knobs = &ctx.knobs;
-    let duration_ms = if knobs.sync {
+    let webhook = webhooks::plan(shared, &knobs.webhook);
+    let never_finish = knobs.never_finish && !knobs.sync;
+    let early = webhook.early && !never_finish;
+    let duration_ms = if knobs.sync || early {
         0
     } else {
         knobs.job_ms.unwrap_or(shared.options.job_ms)
@@ -315,7 +347,13 @@ fn new_job(
         .clone()
         .unwrap_or_else(|| format!("{}://{}{prefix}/jobs/{id}", ctx.scheme, ctx.host));
     let (done, _) = watch::channel(false);
-    Job {
+    let (notify, delivered) = if early {
+        let (notify, delivered) = oneshot::channel();
+        (Some(notify), Some(delivered))
+    } else {
+        (None, None)
+    };
+    let job = Job {
         id,
         started: Instant::now(),
         duration: Duration::from_millis(duration_ms),
@@ -323,14 +361,21 @@ fn new_job(
         access_token: ctx.access_token.clone(),
         plan,
         finished: false,
-        never_finish: knobs.never_finish && !knobs.sync,
+        never_finish,
         bad: knobs.bad_job,
         poll_faults: knobs.poll_faults.iter().copied().collect(),
         poll_retry_after: knobs.poll_retry_after,
         response_url,
         async_status: knobs.async_status.unwrap_or(StatusCode::OK),
         done,
-    }
+        webhook,
+        webhook_notify: notify,
+    };
+    let early = delivered.map(|delivered| Early {
+        delivered,
+        async_answer: (job.async_status, job.async_response(job.started)),
+    });
+    (job, early)
 }
 
 /// Decides what a job ends with.

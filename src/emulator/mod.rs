@@ -5,8 +5,8 @@
 //! ([`Emulator::serve`]: HTTP/1.1 and HTTP/2, h2c by prior knowledge in cleartext, ALPN `h2`/`http/1.1`
 //! over TLS, graceful shutdown), the job lifecycle, idempotency, lists, faults, and what tests
 //! observe ([`Emulator::counters`], [`Emulator::seen`], [`Emulator::job`],
-//! [`Emulator::completions`]). It follows `rutter/API-FACTS.md`; the JSON shapes are those of
-//! `rutter/fixtures/`.
+//! [`Emulator::completions`]), and the signed webhooks it sends ([`Emulator::send_webhook`],
+//! [`sign`]). It follows `rutter/API-FACTS.md`; the JSON shapes are those of `rutter/fixtures/`.
 //!
 //! # Behaviour
 //!
@@ -77,6 +77,7 @@
 //! | `X-Emulator-Bad-Job: not-json` | polls of the job answer 200 with a truncated, invalid JSON body |
 //! | `X-Emulator-Async-Status: 202` | the `async_response` is sent with this 2xx status |
 //! | `X-Emulator-Body-Bytes: N` | on a list GET: the page is padded with generated entities until the body has at least N bytes (capped at 64 MiB), streamed in 64 KiB chunks |
+//! | `X-Emulator-Webhook: ITEM[,ITEM...]` | this job's webhook (needs `--webhook-url`; items combine, e.g. `duplicate,delay=200`): `drop` never sent; `bad-signature` sent with a wrong signature; `duplicate` one extra copy, `duplicate=N` N extra copies (0..=100, instead of `--webhook-duplicates`); `delay=N` sent N ms after the job ends (instead of `--webhook-delay-ms`); `early` the job ends at once and its webhook is delivered before this request is answered |
 //!
 //! Job knobs are fixed when the job is created; an idempotent replay is answered as the first
 //! request's job dictates.
@@ -84,7 +85,37 @@
 //! # Completion hook
 //!
 //! Every job that reaches a terminal status is announced on a broadcast channel
-//! ([`Emulator::completions`], [`JobCompleted`]): the seam for signed `JOB_COMPLETED` webhooks.
+//! ([`Emulator::completions`], [`JobCompleted`]) and, with `--webhook-url`, sent as a webhook.
+//!
+//! # Webhooks (`--webhook-url`, needs `--client-secret`)
+//!
+//! - **Body**: `{"type": "JOB", "code": "JOB_COMPLETED", "connection_id", "access_token", "job"}`
+//!   (compact JSON, keys in this order; fixture `webhook-job-completed.json`). `job` is the job
+//!   object exactly as `GET /jobs/:id` returns it once terminal (success, failure or
+//!   partial_success alike). `access_token` is the creating request's; `connection_id` is the
+//!   connection minted with that token (`/item/public_token/exchange`, `/connections/create`) or a
+//!   stable UUID derived from it; both are `null` for a job created without an `access_token`.
+//! - **Request**: `POST` to the URL as given, HTTP/1.1 (TLS with the web roots for `https`),
+//!   `Content-Type: application/json`, `X-Rutter-Signature: sha256=` + base64(HMAC-SHA256(key =
+//!   client secret, message = the exact body bytes sent)) — see [`sign`].
+//! - **Delivery**: a 2xx answer delivers the copy; any other status, a transport error or no answer
+//!   within `--webhook-timeout-ms` (default 10 s) is retried up to 6 times, waiting
+//!   `--webhook-retry-ms` (default 1000) before the first retry and doubling each time (1+2+...+32
+//!   = 63 s by default; Rutter spreads its 6 retries over about 15 minutes), then given up. At most
+//!   256 attempts are in flight; at most 10 000 copies wait (delay, slot, retry) — beyond it a
+//!   copy is dropped and counted. Every copy and retry carries the same bytes and signature.
+//! - **Knobs** (decided when the job is created; the header overrides the option per job):
+//!   `--webhook-delay-ms` (default 0), `--webhook-duplicates` (extra copies, sent at the same time
+//!   as the first and delivered independently), `--webhook-drop-rate` (share never sent, copies
+//!   included), `--webhook-bad-signature-rate` (share sent with a signature that does not verify,
+//!   copies included), `--webhook-early` (every job ends at once, ignoring `--job-ms`; the first
+//!   delivery attempt is awaited — at most `--webhook-timeout-ms` — before the creating request is
+//!   answered, and an `async_response` answer still says `pending`, as it did when accepted, so a
+//!   client sees the webhook beat it). Early delivery ignores the delay; a dropped webhook is not
+//!   waited for; `X-Emulator-Never-Finish` wins over early (no webhook, no wait).
+//! - **Counters**: `webhooks_sent`, `webhooks_delivered`, `webhooks_failed`, `webhooks_dropped`,
+//!   `webhook_retries` (see [`Counters`]).
+//! - Neither the secret nor signatures are logged; the URL is logged without query or user info.
 
 mod direct;
 mod entities;
@@ -92,6 +123,7 @@ mod handler;
 mod jobs;
 mod options;
 mod state;
+mod webhooks;
 mod wire;
 
 use std::fmt;
@@ -99,6 +131,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::StatusCode;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -108,6 +141,7 @@ use tokio::sync::broadcast;
 
 pub use options::{EmulatorError, EmulatorOptions};
 pub use state::{Counters, JobCompleted, SeenRequest};
+pub use webhooks::sign;
 
 use handler::ConnInfo;
 use state::{lock, Shared};
@@ -139,8 +173,9 @@ impl Emulator {
     pub fn new(options: EmulatorOptions) -> Result<Self, EmulatorError> {
         options.validate()?;
         let tls = options.tls_config()?;
+        let webhooks = webhooks::WebhookSender::new(&options)?;
         Ok(Emulator {
-            shared: Arc::new(Shared::new(options, tls)),
+            shared: Shared::new(options, tls, webhooks),
         })
     }
 
@@ -174,6 +209,12 @@ impl Emulator {
             .timer(TokioTimer::new())
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
         let local = listener.local_addr()?;
+        if let Some(url) = &self.shared.options.webhook_url {
+            tracing::info!(
+                url = %options::redacted_url(url),
+                "emulator: signed JOB_COMPLETED webhooks on"
+            );
+        }
         let info = Arc::new(ConnInfo {
             scheme: if self.is_tls() { "https" } else { "http" },
             local,
@@ -222,6 +263,15 @@ impl Emulator {
     /// more than 4096 events behind misses the oldest).
     pub fn completions(&self) -> broadcast::Receiver<JobCompleted> {
         self.shared.completed.subscribe()
+    }
+
+    /// Signs `body` with the client secret and POSTs it once (no retries) to the webhook URL, as
+    /// a job webhook is sent: for scripting webhooks the emulator does not generate itself (e.g.
+    /// `CONNECTION` / `INITIAL_UPDATE`). Returns the receiver's status; `Err` without
+    /// `--webhook-url`, on a transport error, or after `--webhook-timeout-ms` without an answer.
+    /// Counted in `webhooks_sent` (and `webhooks_delivered` on a 2xx).
+    pub async fn send_webhook(&self, body: serde_json::Value) -> Result<StatusCode, String> {
+        webhooks::send_once(&self.shared, &body).await
     }
 
     /// The number of jobs currently stored.

@@ -16,6 +16,9 @@ pub(crate) const MAX_MS: u64 = 86_400_000;
 /// Most entities `--seed-entities` may ask for per list resource.
 pub(crate) const MAX_SEED_ENTITIES: usize = 100_000;
 
+/// Most extra copies `--webhook-duplicates` (or `X-Emulator-Webhook: duplicate=N`) may ask for.
+pub(crate) const MAX_WEBHOOK_DUPLICATES: u32 = 100;
+
 /// Settings of the Rutter emulator: the flags of `rutter-sidecar emulate`, also constructible in code
 /// (start from [`EmulatorOptions::default`]).
 ///
@@ -99,6 +102,46 @@ pub struct EmulatorOptions {
     /// RNG seed for fault decisions and generated ids (default: random).
     #[arg(long)]
     pub seed: Option<u64>,
+
+    /// Where signed `JOB_COMPLETED` webhooks are POSTed (an `http` or `https` URL; default: none,
+    /// no webhooks). Needs `client_secret`: the body is signed with it (`X-Rutter-Signature`).
+    #[arg(long, value_parser = parse_webhook_url)]
+    pub webhook_url: Option<http::Uri>,
+
+    /// How long after a job ends its webhook is sent, in milliseconds (default 0: at once).
+    /// `X-Emulator-Webhook: delay=N` overrides it per request.
+    #[arg(long, default_value_t = 0)]
+    pub webhook_delay_ms: u64,
+
+    /// Extra copies of every webhook (default 0; at most 100), sent alongside the first one,
+    /// each delivered and retried on its own. `X-Emulator-Webhook: duplicate[=N]` overrides it.
+    #[arg(long, default_value_t = 0)]
+    pub webhook_duplicates: u32,
+
+    /// Share of webhooks (0..=1, default 0) never sent (with all their copies).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
+    pub webhook_drop_rate: f64,
+
+    /// Share of webhooks (0..=1, default 0) sent with a wrong `X-Rutter-Signature`.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
+    pub webhook_bad_signature_rate: f64,
+
+    /// Deliver every webhook before answering the write that created its job (default: off):
+    /// the job ends at once (`--job-ms` is ignored), the first delivery attempt is awaited (at
+    /// most `webhook_timeout_ms`), then the answer (an `async_response` still saying `pending`)
+    /// goes out. `X-Emulator-Webhook: early` turns it on per request.
+    #[arg(long)]
+    pub webhook_early: bool,
+
+    /// Delay before the first retry of a webhook answered with a non-2xx status or not answered,
+    /// in milliseconds (default 1000); each of the 6 retries waits twice as long as the previous.
+    #[arg(long, default_value_t = 1000)]
+    pub webhook_retry_ms: u64,
+
+    /// How long one webhook delivery attempt may take, in milliseconds (default 10000; at least
+    /// 1): connect, send, and the receiver's answer head. Beyond it the attempt counts as failed.
+    #[arg(long, default_value_t = 10_000)]
+    pub webhook_timeout_ms: u64,
 }
 
 impl Default for EmulatorOptions {
@@ -121,6 +164,14 @@ impl Default for EmulatorOptions {
             tls_cert: None,
             tls_key: None,
             seed: None,
+            webhook_url: None,
+            webhook_delay_ms: 0,
+            webhook_duplicates: 0,
+            webhook_drop_rate: 0.0,
+            webhook_bad_signature_rate: 0.0,
+            webhook_early: false,
+            webhook_retry_ms: 1000,
+            webhook_timeout_ms: 10_000,
         }
     }
 }
@@ -148,6 +199,17 @@ impl fmt::Debug for EmulatorOptions {
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
             .field("seed", &self.seed)
+            .field("webhook_url", &self.webhook_url.as_ref().map(redacted_url))
+            .field("webhook_delay_ms", &self.webhook_delay_ms)
+            .field("webhook_duplicates", &self.webhook_duplicates)
+            .field("webhook_drop_rate", &self.webhook_drop_rate)
+            .field(
+                "webhook_bad_signature_rate",
+                &self.webhook_bad_signature_rate,
+            )
+            .field("webhook_early", &self.webhook_early)
+            .field("webhook_retry_ms", &self.webhook_retry_ms)
+            .field("webhook_timeout_ms", &self.webhook_timeout_ms)
             .finish()
     }
 }
@@ -185,6 +247,36 @@ fn parse_share(text: &str) -> Result<f64, String> {
     }
 }
 
+/// clap value parser for `--webhook-url`: an absolute `http` or `https` URL with a host.
+fn parse_webhook_url(text: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = text.trim().parse().map_err(|e| format!("not a URL: {e}"))?;
+    check_webhook_url(&uri)?;
+    Ok(uri)
+}
+
+/// Why `uri` cannot be a webhook URL, if it cannot.
+fn check_webhook_url(uri: &http::Uri) -> Result<(), String> {
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err("the webhook URL must start with http:// or https://".into()),
+    }
+    match uri.host() {
+        Some(host) if !host.is_empty() => Ok(()),
+        _ => Err("the webhook URL has no host".into()),
+    }
+}
+
+/// `scheme://host[:port]/path` of a URL: no user info, no query (either may carry a token).
+pub(crate) fn redacted_url(uri: &http::Uri) -> String {
+    let host = uri.host().unwrap_or("");
+    let port = uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default();
+    format!(
+        "{}://{host}{port}{}",
+        uri.scheme_str().unwrap_or(""),
+        uri.path()
+    )
+}
+
 impl EmulatorOptions {
     /// Checks ranges and combinations; every problem is listed in one error.
     pub(crate) fn validate(&self) -> Result<(), EmulatorError> {
@@ -194,6 +286,11 @@ impl EmulatorOptions {
             ("platform_limit_rate", self.platform_limit_rate),
             ("error_rate", self.error_rate),
             ("reset_rate", self.reset_rate),
+            ("webhook_drop_rate", self.webhook_drop_rate),
+            (
+                "webhook_bad_signature_rate",
+                self.webhook_bad_signature_rate,
+            ),
         ] {
             if !(0.0..=1.0).contains(&value) {
                 problems.push(format!("{name} must be between 0 and 1 (got {value})"));
@@ -204,6 +301,9 @@ impl EmulatorOptions {
             ("sync_limit_ms", self.sync_limit_ms),
             ("rate_window_ms", self.rate_window_ms),
             ("slow_ms", self.slow_ms),
+            ("webhook_delay_ms", self.webhook_delay_ms),
+            ("webhook_retry_ms", self.webhook_retry_ms),
+            ("webhook_timeout_ms", self.webhook_timeout_ms),
         ] {
             if value > MAX_MS {
                 problems.push(format!("{name} must be at most {MAX_MS} (one day)"));
@@ -217,6 +317,26 @@ impl EmulatorOptions {
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             problems.push("tls_cert and tls_key must be given together".to_string());
+        }
+        if self.webhook_timeout_ms == 0 {
+            problems.push("webhook_timeout_ms must be positive".to_string());
+        }
+        if self.webhook_duplicates > MAX_WEBHOOK_DUPLICATES {
+            problems.push(format!(
+                "webhook_duplicates must be at most {MAX_WEBHOOK_DUPLICATES}"
+            ));
+        }
+        if let Some(url) = &self.webhook_url {
+            if let Err(problem) = check_webhook_url(url) {
+                problems.push(format!("webhook_url: {problem}"));
+            }
+            if self.client_secret.as_deref().unwrap_or("").is_empty() {
+                problems.push(
+                    "webhook_url needs client_secret (--client-secret or RUTTER_CLIENT_SECRET): \
+                     webhooks are signed with the client secret, and an empty key is refused"
+                        .to_string(),
+                );
+            }
         }
         if problems.is_empty() {
             Ok(())
@@ -296,6 +416,64 @@ mod tests {
         };
         assert!(options.validate().is_err());
         assert!(EmulatorOptions::default().validate().is_ok());
+    }
+
+    #[test]
+    fn webhook_options_are_checked() {
+        assert!(Cli::try_parse_from(["emulate", "--webhook-url", "ftp://x/hook"]).is_err());
+        assert!(Cli::try_parse_from(["emulate", "--webhook-url", "/hook"]).is_err());
+        assert!(Cli::try_parse_from(["emulate", "--webhook-drop-rate", "2"]).is_err());
+        let parsed = Cli::try_parse_from([
+            "emulate",
+            "--webhook-url",
+            "https://127.0.0.1:9/hooks/rutter",
+            "--webhook-duplicates",
+            "2",
+            "--webhook-early",
+        ]);
+        assert!(parsed.is_ok_and(|cli| cli.options.webhook_duplicates == 2
+            && cli.options.webhook_early
+            && cli.options.webhook_url.is_some()));
+        let url: http::Uri = "http://127.0.0.1:9/hook".parse().unwrap();
+        let without_secret = EmulatorOptions {
+            webhook_url: Some(url.clone()),
+            ..Default::default()
+        };
+        let error = without_secret.validate().unwrap_err().to_string();
+        assert!(error.contains("client_secret"), "{error}");
+        let empty_secret = EmulatorOptions {
+            webhook_url: Some(url.clone()),
+            client_secret: Some(String::new()),
+            ..Default::default()
+        };
+        assert!(empty_secret.validate().is_err());
+        let ok = EmulatorOptions {
+            webhook_url: Some(url.clone()),
+            client_secret: Some("s".into()),
+            ..Default::default()
+        };
+        assert!(ok.validate().is_ok());
+        let bad = EmulatorOptions {
+            webhook_url: Some("ws://127.0.0.1:9/".parse().unwrap()),
+            client_secret: Some("s".into()),
+            webhook_duplicates: 1000,
+            webhook_timeout_ms: 0,
+            ..Default::default()
+        };
+        let error = bad.validate().unwrap_err().to_string();
+        assert!(error.contains("webhook_url") && error.contains("webhook_duplicates"));
+        assert!(error.contains("webhook_timeout_ms"), "{error}");
+    }
+
+    #[test]
+    fn debug_redacts_the_webhook_url_query() {
+        let options = EmulatorOptions {
+            webhook_url: Some("https://hooks.test:8443/in?token=abc123".parse().unwrap()),
+            ..Default::default()
+        };
+        let text = format!("{options:?}");
+        assert!(text.contains("https://hooks.test:8443/in"), "{text}");
+        assert!(!text.contains("abc123"), "{text}");
     }
 
     #[test]

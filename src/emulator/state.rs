@@ -1,12 +1,13 @@
 //! The emulator's shared state: jobs and their lifecycle, the idempotency table, the organisation
-//! rate budget, counters, the ring of seen requests, and the "job reached a terminal status" hook.
+//! rate budget, counters, the ring of seen requests, and the "job reached a terminal status" hook
+//! (which also hands the job to [`super::webhooks`]).
 //!
 //! Lock order (never taken the other way round): `idempotency` → `jobs` → `entities`; `rng`,
 //! `seen` and `rate` are leaves, held only for a few instructions.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,11 +15,12 @@ use http::{HeaderMap, Method, StatusCode, Version};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Value};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, oneshot, watch};
 use tokio::time::Instant;
 
 use super::entities::{Effect, EntityStore};
 use super::options::EmulatorOptions;
+use super::webhooks::{self, WebhookPlan, WebhookSender};
 use super::wire::{BadJob, Terminal};
 use crate::routes::RouteTable;
 
@@ -94,6 +96,16 @@ counters! {
     async_answers,
     /// List GETs answered.
     list_requests,
+    /// Webhook POSTs attempted: first tries, copies and retries (and [`super::Emulator::send_webhook`]).
+    webhooks_sent,
+    /// Webhook copies the receiver answered with a 2xx (and 2xx answers to `send_webhook`).
+    webhooks_delivered,
+    /// Webhook copies given up after the last retry (non-2xx answers or transport errors).
+    webhooks_failed,
+    /// Webhook copies never sent: the drop knob or rate, or the pending queue was full.
+    webhooks_dropped,
+    /// Webhook delivery attempts that were retries.
+    webhook_retries,
 }
 
 /// Adds one to a counter.
@@ -176,6 +188,11 @@ pub(crate) struct Job {
     pub async_status: StatusCode,
     /// Flips to `true` once, when the job finishes; held requests wait on it.
     pub done: watch::Sender<bool>,
+    /// How its `JOB_COMPLETED` webhook is sent.
+    pub webhook: WebhookPlan,
+    /// Told when the webhook's first delivery attempt ended (or that there will be none):
+    /// the request that asked for early delivery waits on it.
+    pub webhook_notify: Option<oneshot::Sender<()>>,
 }
 
 impl Job {
@@ -294,6 +311,10 @@ pub(crate) struct Shared {
     pub entities: Mutex<EntityStore>,
     /// The completion hook.
     pub completed: broadcast::Sender<JobCompleted>,
+    /// The webhook client, when `webhook_url` is set.
+    pub webhooks: Option<WebhookSender>,
+    /// This state itself, for tasks spawned from code that only holds `&Shared`.
+    pub me: Weak<Shared>,
     rng: Mutex<StdRng>,
     seen: Mutex<SeenRing>,
     rate: Mutex<RateWindow>,
@@ -301,7 +322,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(options: EmulatorOptions, tls: Option<Arc<rustls::ServerConfig>>) -> Self {
+    pub(crate) fn new(
+        options: EmulatorOptions,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        webhooks: Option<WebhookSender>,
+    ) -> Arc<Self> {
         let expected_credentials = match (&options.client_id, &options.client_secret) {
             (Some(id), Some(secret)) => Some(format!("{id}:{secret}").into_bytes()),
             _ => None,
@@ -311,7 +336,7 @@ impl Shared {
             None => StdRng::from_rng(&mut rand::rng()),
         };
         let (completed, _) = broadcast::channel(COMPLETION_CAPACITY);
-        Shared {
+        Arc::new_cyclic(|me| Shared {
             entities: Mutex::new(EntityStore::new(options.seed_entities)),
             options,
             expected_credentials,
@@ -321,11 +346,13 @@ impl Shared {
             jobs: Mutex::new(JobTable::default()),
             idempotency: Mutex::new(IdempotencyTable::default()),
             completed,
+            webhooks,
+            me: me.clone(),
             rng: Mutex::new(rng),
             seen: Mutex::new(SeenRing::default()),
             rate: Mutex::new(RateWindow::default()),
             platform_ids: AtomicU64::new(1000),
-        }
+        })
     }
 
     /// True with probability `share`.
@@ -438,7 +465,8 @@ impl Shared {
     }
 
     /// Finishes `job` (the caller holds the `jobs` lock): applies its store effect, wakes held
-    /// requests and fires the completion hook. Does nothing if it already finished.
+    /// requests, hands its webhook to the sender and fires the completion hook. Does nothing if
+    /// it already finished.
     pub(crate) fn finish_locked(&self, job: &mut Job) {
         if job.finished {
             return;
@@ -452,13 +480,15 @@ impl Shared {
         inc(&self.counters.jobs_finished);
         job.done.send_replace(true);
         let now = Instant::now();
-        // Nobody listening is fine: the hook is best effort by design.
-        let _ = self.completed.send(JobCompleted {
+        let event = JobCompleted {
             job_id: job.id.clone(),
             job: job.value(now),
             access_token: job.access_token.clone(),
             at: now,
-        });
+        };
+        webhooks::enqueue(self, &event, job.webhook, job.webhook_notify.take());
+        // Nobody listening is fine: the hook is best effort by design.
+        let _ = self.completed.send(event);
     }
 
     /// Runs `f` on job `id` after finishing it if its time is up.

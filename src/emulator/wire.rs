@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use serde_json::{json, Value};
 
-use super::options::MAX_MS;
+use super::options::{MAX_MS, MAX_WEBHOOK_DUPLICATES};
 use crate::body::{self, Body};
 
 /// Header carrying the job id on answers of accepted requests.
@@ -315,6 +315,61 @@ pub(crate) struct Knobs {
     pub async_status: Option<StatusCode>,
     /// `X-Emulator-Body-Bytes`: pad list bodies to this size.
     pub body_bytes: Option<usize>,
+    /// `X-Emulator-Webhook`: this job's webhook overrides.
+    pub webhook: WebhookKnobs,
+}
+
+/// `X-Emulator-Webhook: drop | early | duplicate[=N] | bad-signature | delay=N` (a comma-separated
+/// list): overrides of the webhook options for the job a request creates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct WebhookKnobs {
+    /// `drop`: the webhook (and its copies) is never sent.
+    pub drop: bool,
+    /// `early`: the job ends at once and its webhook is delivered before the answer.
+    pub early: bool,
+    /// `bad-signature`: sent with a wrong `X-Rutter-Signature`.
+    pub bad_signature: bool,
+    /// `duplicate` (1) or `duplicate=N`: extra copies, instead of `--webhook-duplicates`.
+    pub duplicates: Option<u32>,
+    /// `delay=N`: milliseconds between the job's end and the webhook, instead of
+    /// `--webhook-delay-ms`.
+    pub delay_ms: Option<u64>,
+}
+
+impl WebhookKnobs {
+    /// Parses the header's value; an unknown or malformed item is an error naming it.
+    pub(crate) fn parse(value: &str) -> Result<WebhookKnobs, String> {
+        const USAGE: &str =
+            "X-Emulator-Webhook takes drop, early, duplicate[=N], bad-signature, delay=N";
+        let mut knobs = WebhookKnobs::default();
+        for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let item = item.to_ascii_lowercase();
+            let (name, argument) = match item.split_once('=') {
+                Some((name, argument)) => (name.trim(), Some(argument.trim())),
+                None => (item.as_str(), None),
+            };
+            match (name, argument) {
+                ("drop", None) => knobs.drop = true,
+                ("early", None) => knobs.early = true,
+                ("bad-signature", None) => knobs.bad_signature = true,
+                ("duplicate", None) => knobs.duplicates = Some(1),
+                ("duplicate", Some(n)) => match n.parse::<u32>() {
+                    Ok(n) if n <= MAX_WEBHOOK_DUPLICATES => knobs.duplicates = Some(n),
+                    _ => {
+                        return Err(format!(
+                            "X-Emulator-Webhook: duplicate={n:?} is not a count between 0 and \
+                             {MAX_WEBHOOK_DUPLICATES}"
+                        ))
+                    }
+                },
+                ("delay", Some(ms)) => {
+                    knobs.delay_ms = Some(parse_ms("X-Emulator-Webhook: delay", ms)?);
+                }
+                _ => return Err(format!("{USAGE} (got {item:?})")),
+            }
+        }
+        Ok(knobs)
+    }
 }
 
 /// At most this many poll faults are scripted per job.
@@ -413,6 +468,9 @@ impl Knobs {
                 .parse()
                 .map_err(|_| "X-Emulator-Body-Bytes must be a byte count".to_string())?;
             knobs.body_bytes = Some(n.min(MAX_PADDED_BODY));
+        }
+        if let Some(v) = get("x-emulator-webhook")? {
+            knobs.webhook = WebhookKnobs::parse(&v)?;
         }
         Ok(knobs)
     }
@@ -527,6 +585,36 @@ mod tests {
         assert_eq!(knobs.job_ms, Some(50));
         assert_eq!(knobs.reset, Some(ResetMode::After));
         headers.insert("x-emulator-status", HeaderValue::from_static("abc"));
+        assert!(Knobs::from_headers(&headers).is_err());
+    }
+
+    #[test]
+    fn webhook_knobs_parse_and_reject() {
+        let knobs = WebhookKnobs::parse("Duplicate, delay=200,,bad-signature").unwrap();
+        assert_eq!(
+            knobs,
+            WebhookKnobs {
+                duplicates: Some(1),
+                delay_ms: Some(200),
+                bad_signature: true,
+                ..Default::default()
+            }
+        );
+        let knobs = WebhookKnobs::parse("drop,early,duplicate=3").unwrap();
+        assert!(knobs.drop && knobs.early);
+        assert_eq!(knobs.duplicates, Some(3));
+        for bad in [
+            "later",
+            "delay",
+            "delay=-1",
+            "delay=99999999999",
+            "duplicate=101",
+            "drop=1",
+        ] {
+            assert!(WebhookKnobs::parse(bad).is_err(), "{bad}");
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert("X-Emulator-Webhook", HeaderValue::from_static("sometimes"));
         assert!(Knobs::from_headers(&headers).is_err());
     }
 }

@@ -121,8 +121,13 @@ impl Drop for EmulatorHandle {
 
 /// Starts an emulator on `127.0.0.1:0`.
 pub async fn start_emulator(options: EmulatorOptions) -> EmulatorHandle {
-    let emulator = Emulator::new(options).expect("emulator options");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    start_emulator_on(listener, options).await
+}
+
+/// Starts an emulator on a listener bound beforehand (so its address can go into another config first).
+pub async fn start_emulator_on(listener: TcpListener, options: EmulatorOptions) -> EmulatorHandle {
+    let emulator = Emulator::new(options).expect("emulator options");
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = oneshot::channel::<()>();
     let server = emulator.clone();
@@ -144,6 +149,7 @@ pub async fn start_emulator(options: EmulatorOptions) -> EmulatorHandle {
 pub struct SidecarHandle {
     pub sidecar: Sidecar,
     pub addr: SocketAddr,
+    pub webhook_addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -187,18 +193,27 @@ pub async fn start_sidecar_with(config: Config, credentials: Credentials) -> Sid
     let sidecar = Sidecar::new(config, &credentials).expect("sidecar");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let webhooks = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let webhook_addr = webhooks.local_addr().expect("addr");
     let (stop, stopped) = oneshot::channel::<()>();
     let server = sidecar.clone();
     tokio::spawn(async move {
         let _ = server
-            .serve(Listeners { proxy: listener }, async move {
-                let _ = stopped.await;
-            })
+            .serve(
+                Listeners {
+                    proxy: listener,
+                    webhooks,
+                },
+                async move {
+                    let _ = stopped.await;
+                },
+            )
             .await;
     });
     SidecarHandle {
         sidecar,
         addr,
+        webhook_addr,
         stop: Some(stop),
     }
 }
