@@ -61,6 +61,7 @@ async fn one_run(waiters: usize, job_ms: u64, webhooks: bool) -> Run {
     let sidecar = Sidecar::new(config, &credentials).expect("sidecar");
     let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let hooks = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let (proxy_addr, hook_addr) = (
         proxy.local_addr().expect("addr"),
         hooks.local_addr().expect("addr"),
@@ -69,6 +70,7 @@ async fn one_run(waiters: usize, job_ms: u64, webhooks: bool) -> Run {
         Listeners {
             proxy,
             webhooks: hooks,
+            admin,
         },
         std::future::pending(),
     ));

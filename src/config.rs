@@ -46,6 +46,15 @@ pub struct ListenConfig {
     pub webhooks: SocketAddr,
     /// `listen.admin`: `/live`, `/ready`, `/metrics`. Default `127.0.0.1:9901`.
     pub admin: SocketAddr,
+    /// `listen.max_connections`: open connections per listener; beyond it new connections wait in
+    /// the kernel's backlog. Default 10000.
+    pub max_connections: usize,
+    /// `listen.max_header_bytes`: largest request head (HTTP/1.1 buffer, HTTP/2 header list), in
+    /// bytes. Default 64 KiB.
+    pub max_header_bytes: u64,
+    /// `listen.idle_timeout`: how long a connection may take to send a request head, including idle
+    /// keep-alive time between requests. Default 60 s.
+    pub idle_timeout: Duration,
 }
 
 /// The upstream base URL split into the parts the proxy uses.
@@ -291,6 +300,9 @@ impl Default for ListenConfig {
             proxy: SocketAddr::from(([127, 0, 0, 1], 8080)),
             webhooks: SocketAddr::from(([127, 0, 0, 1], 8081)),
             admin: SocketAddr::from(([127, 0, 0, 1], 9901)),
+            max_connections: 10_000,
+            max_header_bytes: 64 * 1024,
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -448,7 +460,17 @@ pub const ENV_PREFIX: &str = "RUTTER_SIDECAR__";
 
 /// Every section and key the file accepts, in file order.
 const SCHEMA: &[(&str, &[&str])] = &[
-    ("listen", &["proxy", "webhooks", "admin"]),
+    (
+        "listen",
+        &[
+            "proxy",
+            "webhooks",
+            "admin",
+            "max_connections",
+            "max_header_bytes",
+            "idle_timeout",
+        ],
+    ),
     (
         "upstream",
         &[
@@ -1248,6 +1270,19 @@ fn validate(root: &Table, checker: &mut Checker) -> Config {
         proxy: proxy.unwrap_or(d.listen.proxy),
         webhooks: webhooks.unwrap_or(d.listen.webhooks),
         admin: admin.unwrap_or(d.listen.admin),
+        max_connections: checker
+            .field(&s, "max_connections", d.listen.max_connections, count_value)
+            .unwrap_or(d.listen.max_connections),
+        max_header_bytes: checker
+            .field(&s, "max_header_bytes", d.listen.max_header_bytes, |v| {
+                size_value(v, d.listen.max_header_bytes, 8 * 1024)
+            })
+            .unwrap_or(d.listen.max_header_bytes),
+        idle_timeout: checker
+            .field(&s, "idle_timeout", d.listen.idle_timeout, |v| {
+                duration_value(v, d.listen.idle_timeout, Zero::Rejected)
+            })
+            .unwrap_or(d.listen.idle_timeout),
     };
 
     // [upstream]
@@ -1617,6 +1652,9 @@ impl Config {
             format!("proxy = {}", quote(&l.proxy.to_string())),
             format!("webhooks = {}", quote(&l.webhooks.to_string())),
             format!("admin = {}", quote(&l.admin.to_string())),
+            format!("max_connections = {}", l.max_connections),
+            format!("max_header_bytes = {}", quote(&format_size(l.max_header_bytes))),
+            format!("idle_timeout = {}", quote(&d(l.idle_timeout))),
             String::new(),
             "[upstream]".to_string(),
             format!("base_url = {}", quote(&u.base_url.to_string())),

@@ -113,8 +113,8 @@ async fn demo() -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())
     };
-    let (rutter_listener, proxy_listener, webhook_listener) =
-        (bind().await?, bind().await?, bind().await?);
+    let (rutter_listener, proxy_listener, webhook_listener, admin_listener) =
+        (bind().await?, bind().await?, bind().await?, bind().await?);
     let local = |l: &TcpListener| l.local_addr().map_err(|e| e.to_string());
     let (rutter_addr, addr, webhook_addr) = (
         local(&rutter_listener)?,
@@ -138,6 +138,7 @@ async fn demo() -> Result<(), String> {
         Listeners {
             proxy: proxy_listener,
             webhooks: webhook_listener,
+            admin: admin_listener,
         },
         async move {
             let _ = sidecar_stopped.await;

@@ -96,6 +96,15 @@ pub enum ProxyError {
     /// The method is not served on this path.
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// Rutter's organisation budget (`upstream.rate_limit`) had no room before the request's deadline.
+    #[error("Rutter's request budget is spent; retry after {} s", .retry_after.as_secs().max(1))]
+    RateBudgetExhausted {
+        /// When the budget has room again.
+        retry_after: Duration,
+    },
+    /// A bug in the sidecar was caught; the request may be retried.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// A bounded queue is full; the caller should try again later.
     #[error("the sidecar is overloaded: {0}")]
     Overloaded(String),
@@ -121,6 +130,8 @@ impl ProxyError {
             ProxyError::NotFound => "NOT_FOUND",
             ProxyError::MethodNotAllowed => "METHOD_NOT_ALLOWED",
             ProxyError::Overloaded(_) => "OVERLOADED",
+            ProxyError::RateBudgetExhausted { .. } => "RATE_BUDGET_EXHAUSTED",
+            ProxyError::Internal(_) => "INTERNAL_ERROR",
         }
     }
 
@@ -143,6 +154,8 @@ impl ProxyError {
             ProxyError::NotFound => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::RateBudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -164,7 +177,9 @@ impl ProxyError {
             | ProxyError::MethodNotAllowed => Party::App,
             ProxyError::JobWaitTimeout { .. }
             | ProxyError::ShuttingDown
-            | ProxyError::Overloaded(_) => Party::Sidecar,
+            | ProxyError::Overloaded(_)
+            | ProxyError::RateBudgetExhausted { .. }
+            | ProxyError::Internal(_) => Party::Sidecar,
         }
     }
 
@@ -177,6 +192,8 @@ impl ProxyError {
                 | ProxyError::JobWaitTimeout { .. }
                 | ProxyError::ShuttingDown
                 | ProxyError::Overloaded(_)
+                | ProxyError::RateBudgetExhausted { .. }
+                | ProxyError::Internal(_)
         )
     }
 
@@ -196,6 +213,10 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         headers.insert(X_SIDECAR_ERROR, HeaderValue::from_static(self.code()));
+        if let ProxyError::RateBudgetExhausted { retry_after } = self {
+            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+        }
         if matches!(self, ProxyError::MethodNotAllowed) {
             headers.insert(header::ALLOW, HeaderValue::from_static("POST"));
         }
@@ -266,6 +287,13 @@ mod tests {
             (ProxyError::NotFound, 404),
             (ProxyError::MethodNotAllowed, 405),
             (ProxyError::Overloaded("queue".into()), 503),
+            (
+                ProxyError::RateBudgetExhausted {
+                    retry_after: Duration::from_millis(1500),
+                },
+                429,
+            ),
+            (ProxyError::Internal("x".into()), 500),
         ];
         for (error, status) in errors {
             let response = error.to_response();

@@ -32,15 +32,20 @@ use crate::idempotency::{
     self, Claim, Digest, FlightEnd, FlightState, IdempotencyStore, StoredAnswer,
 };
 use crate::jobs::{self, JobRegistry, Outcome, PollTarget, TrackError, MAX_JOB_BYTES};
+use crate::lifecycle::Lifecycle;
 use crate::proxy;
 use crate::rewrite::{self, BodyMode};
 use crate::routes::{split_path, RoutePattern};
-use crate::upstream::{Upstream, UpstreamFailure};
+use crate::telemetry::Metrics;
+use crate::upstream::{CallKind, Upstream, UpstreamFailure};
 
 /// `X-Rutter-Job-ID`: the job behind an answer.
 pub const X_RUTTER_JOB_ID: HeaderName = HeaderName::from_static("x-rutter-job-id");
 /// `X-Rutter-Request-ID`: Rutter's id of the exchange, passed back to the app.
 pub const X_RUTTER_REQUEST_ID: HeaderName = HeaderName::from_static("x-rutter-request-id");
+/// `X-Request-Id`: the request's correlation id, taken from the app or generated, logged, forwarded
+/// upstream and returned.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// `X-Rutter-Version`: the API version the app asked for, echoed on job polls.
 pub const X_RUTTER_VERSION: HeaderName = HeaderName::from_static("x-rutter-version");
 
@@ -95,13 +100,23 @@ pub fn parse_async_response(bytes: &[u8]) -> Option<Result<AsyncResponse, ProxyE
         job_id: String::new(),
         reason: reason.into(),
     };
-    Some(
-        match serde_json::from_value::<AsyncResponse>(envelope.async_response) {
-            Ok(job) if valid_job_id(&job.id) => Ok(job),
-            Ok(_) => Err(invalid("the async_response id is not a valid job id")),
-            Err(_) => Err(invalid("the async_response has no id")),
-        },
-    )
+    // Only the id is required; optional members of an unexpected type are ignored.
+    let object = &envelope.async_response;
+    let text = |name: &str| {
+        object
+            .get(name)
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+    };
+    Some(match text("id") {
+        Some(id) if valid_job_id(&id) => Ok(AsyncResponse {
+            id,
+            response_url: text("response_url"),
+            status: text("status"),
+        }),
+        Some(_) => Err(invalid("the async_response id is not a valid job id")),
+        None => Err(invalid("the async_response has no id")),
+    })
 }
 
 /// Job ids become a path segment of the poll URL: only unreserved URL characters are accepted.
@@ -118,16 +133,29 @@ pub fn valid_job_id(id: &str) -> bool {
 /// The URL to poll: `response_url` only when its scheme, host and port are the configured upstream's;
 /// otherwise `{base}[/versioned]/jobs/{id}`.
 pub fn poll_uri(base: &BaseUrl, versioned: bool, job: &AsyncResponse) -> Result<Uri, ProxyError> {
-    if let Some(url) = job.response_url.as_deref() {
-        if let Ok(uri) = url.parse::<Uri>() {
-            if same_origin(&uri, base) && uri.path().ends_with(&format!("/jobs/{}", job.id)) {
-                return Ok(uri);
+    let path = |versioned: bool| {
+        let version = if versioned { "/versioned" } else { "" };
+        format!("{version}/jobs/{}", job.id)
+    };
+    if let Some(url) = job.response_url.as_deref().filter(|u| !u.is_empty()) {
+        // Followed only when it is exactly the job URL on the configured upstream: same scheme,
+        // host and port, the base path prefix, `[/versioned]/jobs/{id}`, no query.
+        let accepted = url.parse::<Uri>().ok().and_then(|uri| {
+            if !same_origin(&uri, base) || uri.query().is_some() {
+                return None;
             }
+            let rest = uri.path().strip_prefix(base.path_prefix.as_str())?;
+            [true, false].into_iter().find(|v| rest == path(*v))
+        });
+        match accepted {
+            Some(versioned) => return proxy::upstream_uri(base, &path(versioned)),
+            None => tracing::warn!(
+                job_id = %job.id,
+                "response_url is not the job URL on the configured upstream; polling the upstream instead"
+            ),
         }
-        tracing::warn!(job_id = %job.id, "response_url is not on the configured upstream; polling the upstream instead");
     }
-    let prefix = if versioned { "/versioned" } else { "" };
-    proxy::upstream_uri(base, &format!("{prefix}/jobs/{}", job.id))
+    proxy::upstream_uri(base, &path(versioned))
 }
 
 fn same_origin(uri: &Uri, base: &BaseUrl) -> bool {
@@ -142,6 +170,42 @@ fn same_origin(uri: &Uri, base: &BaseUrl) -> bool {
     *scheme == base.scheme
         && host.eq_ignore_ascii_case(base.authority.host())
         && uri.port_u16().unwrap_or(default_port) == base.port()
+}
+
+/// Header changes for an exchange whose answer the sidecar must read: no content coding (the
+/// `async_response` must be parseable; the sidecar builds the app's reply itself) and no
+/// `Expect: 100-continue` (the body is already buffered).
+fn read_answer_headers(headers: &mut HeaderMap) {
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    headers.remove(header::EXPECT);
+}
+
+/// Logs a sidecar error by who caused it and turns it into the app's response.
+fn error_response(error: ProxyError) -> Response<Body> {
+    match error.party() {
+        crate::error::Party::App => tracing::info!(code = error.code(), %error, "request refused"),
+        _ => tracing::warn!(code = error.code(), %error, "request failed"),
+    }
+    error.to_response()
+}
+
+/// The request's id: the app's `X-Request-Id` if it is 1–200 visible ASCII characters, else a new
+/// UUID v4, which is then also set on the request so it reaches Rutter.
+fn request_id(headers: &mut HeaderMap) -> HeaderValue {
+    let usable = headers.get(&X_REQUEST_ID).filter(|v| {
+        let bytes = v.as_bytes();
+        !bytes.is_empty() && bytes.len() <= 200 && bytes.iter().all(|b| (0x21..=0x7e).contains(b))
+    });
+    if let Some(id) = usable {
+        return id.clone();
+    }
+    let id = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+        .unwrap_or(HeaderValue::from_static("-"));
+    headers.insert(X_REQUEST_ID, id.clone());
+    id
 }
 
 /// What the sidecar does with a body it read before deciding.
@@ -210,6 +274,8 @@ pub struct Proxy {
     jobs: Arc<JobRegistry>,
     idempotency: IdempotencyStore,
     injected_authorization: Option<HeaderValue>,
+    metrics: Arc<Metrics>,
+    lifecycle: Arc<Lifecycle>,
 }
 
 /// What the classify phase learned about a request.
@@ -257,6 +323,8 @@ struct KeyPlan {
 const MAX_WRITE_ATTEMPTS: u32 = 6;
 /// First backoff between write attempts; doubles, with full jitter, up to [`MAX_WRITE_BACKOFF`].
 const WRITE_BACKOFF: Duration = Duration::from_millis(250);
+/// Longest `Retry-After` honoured between write attempts (a longer one ends the retries).
+const MAX_WRITE_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// Longest backoff between write attempts without `Retry-After`.
 const MAX_WRITE_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -272,6 +340,8 @@ impl Proxy {
         upstream: Upstream,
         jobs: Arc<JobRegistry>,
         credentials: &Credentials,
+        metrics: Arc<Metrics>,
+        lifecycle: Arc<Lifecycle>,
     ) -> Self {
         Proxy {
             injected_authorization: credentials.basic_authorization(),
@@ -279,7 +349,14 @@ impl Proxy {
             config,
             upstream,
             jobs,
+            metrics,
+            lifecycle,
         }
+    }
+
+    /// The upstream client (for metrics and tests).
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
     }
 
     /// The job registry (for webhooks and tests).
@@ -303,19 +380,31 @@ impl Proxy {
         B::Error: Into<BoxError>,
     {
         let started = Instant::now();
-        let method = request.method().clone();
-        let result = self.serve(request, peer, started).await;
-        let response = result.unwrap_or_else(|error| {
-            match error.party() {
-                crate::error::Party::App => {
-                    tracing::info!(code = error.code(), %error, "request refused")
-                }
-                _ => tracing::warn!(code = error.code(), %error, "request failed"),
-            }
-            error.to_response()
-        });
-        tracing::debug!(%method, status = response.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "answered");
-        response
+        let (mut parts, incoming) = request.into_parts();
+        let request_id = request_id(&mut parts.headers);
+        let inspection = self.classify(&parts, started);
+        let class = inspection.class;
+        let span = tracing::info_span!(
+            "request",
+            request_id = %request_id.to_str().unwrap_or("-"),
+            method = %parts.method,
+            class = class.as_str(),
+            route = inspection.route.as_ref().map(|r| r.template()).unwrap_or("-"),
+            job_id = tracing::field::Empty,
+            key = tracing::field::Empty,
+        );
+        let work = async {
+            let result = self.serve(parts, incoming, peer, inspection).await;
+            let mut response = result.unwrap_or_else(error_response);
+            let status = response.status().as_u16();
+            let elapsed = started.elapsed();
+            tracing::info!(status, elapsed_ms = elapsed.as_millis() as u64, "answered");
+            self.metrics
+                .request(class.as_str(), status, elapsed.as_secs_f64());
+            response.headers_mut().insert(X_REQUEST_ID, request_id);
+            response
+        };
+        tracing::Instrument::instrument(work, span).await
     }
 
     /// Phase 1: classify.
@@ -354,32 +443,25 @@ impl Proxy {
 
     async fn serve<B>(
         self: &Arc<Self>,
-        request: Request<B>,
+        parts: http::request::Parts,
+        incoming: B,
         peer: SocketAddr,
-        started: Instant,
+        inspection: Inspection,
     ) -> Result<Response<Body>, ProxyError>
     where
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
-        if request.method() == Method::CONNECT {
-            return Err(ProxyError::BadRequest(
-                "CONNECT is not supported by this proxy".into(),
-            ));
+        if parts.method == Method::CONNECT || parts.method == Method::TRACE {
+            // CONNECT would tunnel; TRACE would echo the (possibly injected) credentials back.
+            return Err(ProxyError::BadRequest(format!(
+                "{} is not supported by this proxy",
+                parts.method
+            )));
         }
-        let (parts, incoming) = request.into_parts();
-        let inspection = self.classify(&parts, started);
-        let span = tracing::info_span!(
-            "request",
-            class = inspection.class.as_str(),
-            route = inspection
-                .route
-                .as_ref()
-                .map(|r| r.template())
-                .unwrap_or("-"),
-            job_id = tracing::field::Empty,
-            key = tracing::field::Empty,
-        );
+        if self.lifecycle.is_grace_over() {
+            return Err(ProxyError::ShuttingDown);
+        }
         let path = parts.uri.path().to_string();
         let query = parts.uri.query().map(str::to_string);
         let app = AppRequest {
@@ -389,19 +471,36 @@ impl Proxy {
             versioned: inspection.versioned,
             peer,
         };
-        let work = async {
+        // Writes (and facade reads) run in their own task: if the app disconnects, the write still
+        // completes and its job is still tracked, so a retry can pick the result up. Nothing is lost.
+        let detach = inspection.class == Class::Facade
+            || !matches!(app.method, Method::GET | Method::HEAD | Method::OPTIONS);
+        let this = Arc::clone(self);
+        let work = async move {
             match inspection.class {
                 Class::Facade => {
-                    self.facade(app, &path, query.as_deref(), incoming, inspection)
+                    this.facade(app, &path, query.as_deref(), incoming, inspection)
                         .await
                 }
                 Class::ExplicitAsync | Class::Passthrough => {
-                    self.passthrough(app, &path, query.as_deref(), incoming, inspection)
+                    this.passthrough(app, &path, query.as_deref(), incoming, inspection)
                         .await
                 }
             }
         };
-        tracing::Instrument::instrument(work, span).await
+        if detach {
+            let task = tokio::spawn(tracing::Instrument::instrument(
+                work,
+                tracing::Span::current(),
+            ));
+            task.await.unwrap_or_else(|_| {
+                Err(ProxyError::Internal(
+                    "the request task ended unexpectedly".into(),
+                ))
+            })
+        } else {
+            work.await
+        }
     }
 
     /// The facade path: read, rewrite, then write (through the idempotency layer for POST/PATCH) and
@@ -423,9 +522,10 @@ impl Proxy {
         if content_length(&app.headers).is_some_and(|len| len > limit as u64) {
             return Err(ProxyError::BodyTooLarge { limit });
         }
-        let bytes = Limited::new(incoming, limit)
-            .collect()
+        let read = Limited::new(incoming, limit).collect();
+        let bytes = tokio::time::timeout(self.config.listen.idle_timeout, read)
             .await
+            .map_err(|_| ProxyError::BadRequest("the request body did not arrive in time".into()))?
             .map_err(|e| {
                 if e.is::<http_body_util::LengthLimitError>() {
                     ProxyError::BodyTooLarge { limit }
@@ -472,9 +572,11 @@ impl Proxy {
         match plan {
             Some(plan) => {
                 let generated = plan.generated.then(|| plan.key.clone());
+                // The generated key goes back on errors too: a retry with it cannot write twice.
                 let mut response = self
                     .idempotent_write(app, target, new_body, plan, &inspection)
-                    .await?;
+                    .await
+                    .unwrap_or_else(error_response);
                 if let Some(key) = generated.and_then(|k| HeaderValue::from_str(&k).ok()) {
                     response.headers_mut().insert(IDEMPOTENCY_KEY, key);
                 }
@@ -541,6 +643,7 @@ impl Proxy {
     ) -> Result<Response<Body>, ProxyError> {
         let flight = match self.idempotency.claim(plan.cache_key, plan.fingerprint) {
             Claim::Replay(answer) => {
+                self.metrics.idempotency("replayed");
                 tracing::info!("replayed from the idempotency store");
                 let mut response = stored_response(&answer);
                 response
@@ -548,8 +651,12 @@ impl Proxy {
                     .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
                 return Ok(response);
             }
-            Claim::Conflict => return Err(ProxyError::IdempotencyKeyReused),
+            Claim::Conflict => {
+                self.metrics.idempotency("conflict");
+                return Err(ProxyError::IdempotencyKeyReused);
+            }
             Claim::Follower(flight) => {
+                self.metrics.idempotency("coalesced");
                 tracing::info!("attached to the same write in flight");
                 flight
             }
@@ -563,9 +670,17 @@ impl Proxy {
                 let span = tracing::Span::current();
                 tokio::spawn(tracing::Instrument::instrument(
                     async move {
+                        // Should the flight panic, the guard still ends it, so the key is not
+                        // blocked and followers are answered.
+                        let mut guard = FlightGuard {
+                            proxy: Arc::clone(&proxy),
+                            key: cache_key,
+                            done: false,
+                        };
                         proxy
                             .run_flight(leader, target, body, cache_key, fingerprint, deadline)
-                            .await
+                            .await;
+                        guard.done = true;
                     },
                     span,
                 ));
@@ -608,7 +723,7 @@ impl Proxy {
                 };
                 self.idempotency.accepted(&cache_key, accepted);
                 let until = Instant::now() + self.config.jobs.track_for;
-                match self.wait_for_job(&app, &answer, until).await {
+                match self.wait_for_job(&app, &answer, until, false).await {
                     Ok(Some(outcome)) => match &*outcome {
                         Ok(result) => {
                             let response = job_reply(&outcome, &answer);
@@ -625,9 +740,14 @@ impl Proxy {
                         }
                         Err(error) => FlightEnd::Error(error.clone()),
                     },
-                    Ok(None) | Err(_) => FlightEnd::Error(ProxyError::JobWaitTimeout {
-                        job_id: answer.job.id.clone(),
+                    // Not tracked (too many jobs) or tracking gave up: answered like a deadline.
+                    Ok(None) => FlightEnd::Untracked(StoredAnswer {
+                        fingerprint,
+                        status: answer.head.status,
+                        headers: answer.head.headers.clone(),
+                        body: answer.body.clone(),
                     }),
+                    Err(error) => FlightEnd::Error(error),
                 }
             }
         };
@@ -640,42 +760,56 @@ impl Proxy {
         mut flight: watch::Receiver<FlightState>,
         deadline: Instant,
     ) -> Result<Response<Body>, ProxyError> {
-        let ended = tokio::time::timeout_at(
-            deadline,
-            flight.wait_for(|s| matches!(s, FlightState::Finished(_))),
-        )
-        .await
-        .ok()
-        .and_then(|r| r.ok().map(|state| state.clone()));
-        let state = ended.unwrap_or_else(|| flight.borrow().clone());
+        let _waiting = self.metrics.waiting();
+        let started = Instant::now();
+        let finished = flight.wait_for(|s| matches!(s, FlightState::Finished(_)));
+        let ended = self
+            .lifecycle
+            .within(deadline, finished)
+            .await
+            .and_then(|r| r.ok().map(|state| state.clone()));
+        let mut state = ended.unwrap_or_else(|| flight.borrow().clone());
+        if matches!(state, FlightState::Writing) {
+            // The deadline came before Rutter answered the write: wait for that answer (bounded by
+            // the write's own timeout) so the app at least gets the job id.
+            let written = flight.wait_for(|s| !matches!(s, FlightState::Writing));
+            let bound = Instant::now() + self.upstream.request_timeout() + Duration::from_secs(1);
+            if let Some(Ok(written)) = self.lifecycle.within(bound, written).await {
+                state = written.clone();
+            }
+        }
+        self.metrics
+            .job_wait
+            .observe(started.elapsed().as_secs_f64());
         match state {
             FlightState::Finished(end) => match &*end {
                 FlightEnd::Answer { answer, .. } => Ok(stored_response(answer)),
                 FlightEnd::Error(error) => Err(error.clone()),
+                FlightEnd::Untracked(async_answer) => self.timeout_reply(async_answer),
             },
-            FlightState::Accepted(async_answer) => match self.config.facade.on_timeout {
-                OnTimeout::AsyncResponse => {
-                    let mut response = stored_response(&async_answer);
-                    if let Some(id) = parse_async_response(&async_answer.body).and_then(Result::ok)
-                    {
-                        if let Ok(id) = HeaderValue::from_str(&id.id) {
-                            response.headers_mut().insert(X_RUTTER_JOB_ID, id);
-                        }
-                    }
-                    Ok(response)
+            FlightState::Accepted(async_answer) => self.timeout_reply(&async_answer),
+            FlightState::Writing => {
+                Err(ProxyError::UpstreamTimeout(self.upstream.request_timeout()))
+            }
+        }
+    }
+
+    /// The `on_timeout` reply for a job still running, from its stored `async_response`.
+    fn timeout_reply(&self, async_answer: &StoredAnswer) -> Result<Response<Body>, ProxyError> {
+        let job_id = parse_async_response(&async_answer.body)
+            .and_then(Result::ok)
+            .map(|job| job.id)
+            .unwrap_or_default();
+        match self.config.facade.on_timeout {
+            OnTimeout::AsyncResponse => {
+                let mut response = stored_response(async_answer);
+                *response.status_mut() = StatusCode::OK;
+                if let Ok(id) = HeaderValue::from_str(&job_id) {
+                    response.headers_mut().insert(X_RUTTER_JOB_ID, id);
                 }
-                OnTimeout::GatewayTimeout => {
-                    let job_id = parse_async_response(&async_answer.body)
-                        .and_then(Result::ok)
-                        .map(|job| job.id)
-                        .unwrap_or_default();
-                    Err(ProxyError::JobWaitTimeout { job_id })
-                }
-            },
-            // The write itself has not been answered by the deadline.
-            FlightState::Writing => Err(ProxyError::UpstreamTimeout(
-                self.config.upstream.request_timeout,
-            )),
+                Ok(response)
+            }
+            OnTimeout::GatewayTimeout => Err(ProxyError::JobWaitTimeout { job_id }),
         }
     }
 
@@ -693,7 +827,9 @@ impl Proxy {
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
-            let result = self.forward_buffered(app, target, body.clone()).await;
+            let result = self
+                .forward_buffered(app, target, body.clone(), deadline)
+                .await;
             let backoff = || {
                 let ceiling = WRITE_BACKOFF
                     .saturating_mul(1 << attempt.min(10))
@@ -703,7 +839,11 @@ impl Proxy {
             let retry_in = match &result {
                 Err(failure) if keyed || failure.nothing_sent => Some(backoff()),
                 Ok(WriteAnswer::Final { head, .. }) if keyed => match head.status.as_u16() {
-                    429 | 452 => Some(jobs::retry_after(&head.headers).unwrap_or_else(backoff)),
+                    429 | 452 => Some(
+                        jobs::retry_after(&head.headers)
+                            .map(|d| d.min(MAX_WRITE_RETRY_AFTER))
+                            .unwrap_or_else(backoff),
+                    ),
                     502..=504 => Some(backoff()),
                     _ => None,
                 },
@@ -711,7 +851,10 @@ impl Proxy {
             };
             match retry_in {
                 Some(delay)
-                    if attempt < MAX_WRITE_ATTEMPTS && Instant::now() + delay < deadline =>
+                    if attempt < MAX_WRITE_ATTEMPTS
+                        && Instant::now()
+                            .checked_add(delay)
+                            .is_some_and(|at| at < deadline) =>
                 {
                     tracing::info!(
                         attempt,
@@ -761,12 +904,38 @@ impl Proxy {
         } else {
             body::boxed(incoming)
         };
-        let request = self.upstream_request(&app, &target, body)?;
-        let response = self.upstream.send(request).await.map_err(|f| f.error)?;
-        let may_be_async = inspection.class == Class::Passthrough
-            && (is_write || inspection.route.is_some())
+        let mut request = self.upstream_request(&app, &target, body)?;
+        let may_await =
+            inspection.class == Class::Passthrough && (is_write || inspection.route.is_some());
+        if may_await {
+            // Rutter's prefer_sync may answer with an async_response that the sidecar must read.
+            request.headers_mut().insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
+        let budget_deadline = inspection
+            .deadline
+            .min(Instant::now() + self.upstream.request_timeout());
+        let response = self
+            .upstream
+            .send(request, CallKind::Passthrough, budget_deadline)
+            .await
+            .map_err(|f| f.error)?;
+        if response.status().is_informational() {
+            return Err(ProxyError::UpstreamUnavailable(format!(
+                "Rutter answered {} instead of a final response",
+                response.status().as_u16()
+            )));
+        }
+        let encoded = response
+            .headers()
+            .get(header::CONTENT_ENCODING)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+        let may_be_async = may_await
             && response.status() == StatusCode::OK
-            && is_json(response.headers());
+            && is_json(response.headers())
+            && !encoded;
         if !may_be_async {
             return Ok(streamed_response(response));
         }
@@ -828,6 +997,7 @@ impl Proxy {
         app: &AppRequest,
         target: &str,
         bytes: Bytes,
+        deadline: Instant,
     ) -> Result<WriteAnswer, UpstreamFailure> {
         let len = bytes.len();
         let mut request = self
@@ -836,10 +1006,13 @@ impl Proxy {
                 error,
                 nothing_sent: true,
             })?;
-        request
-            .headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-        let (head, body) = self.upstream.send_buffered(request, MAX_JOB_BYTES).await?;
+        let headers = request.headers_mut();
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        read_answer_headers(headers);
+        let (head, body) = self
+            .upstream
+            .send_buffered(request, CallKind::Write, deadline, MAX_JOB_BYTES)
+            .await?;
         if matches!(head.status, StatusCode::OK | StatusCode::ACCEPTED) {
             match parse_async_response(&body) {
                 Some(Ok(job)) => return Ok(WriteAnswer::Async(AsyncAnswer { head, body, job })),
@@ -856,11 +1029,14 @@ impl Proxy {
     }
 
     /// Registers a wait on the answer's job and waits until `until`.
+    /// `app_wait`: an app request is waiting (counted in metrics, cut short by the shutdown grace);
+    /// otherwise a flight follows the job to its end.
     async fn wait_for_job(
         &self,
         app: &AppRequest,
         answer: &AsyncAnswer,
         until: Instant,
+        app_wait: bool,
     ) -> Result<Option<Arc<Outcome>>, ProxyError> {
         let uri = poll_uri(self.upstream.base(), app.versioned, &answer.job)?;
         let mut headers = HeaderMap::new();
@@ -882,6 +1058,18 @@ impl Proxy {
             poll_now: finished,
         };
         match self.jobs.track(&answer.job.id, target) {
+            Ok(mut waiter) if app_wait => {
+                let _waiting = self.metrics.waiting();
+                let started = Instant::now();
+                let outcome = match self.lifecycle.within(until, waiter.wait()).await {
+                    Some(outcome) => outcome,
+                    None => waiter.current(),
+                };
+                self.metrics
+                    .job_wait
+                    .observe(started.elapsed().as_secs_f64());
+                Ok(outcome)
+            }
             Ok(mut waiter) => Ok(waiter.wait_until(until).await),
             Err(TrackError::TooManyJobs) => {
                 tracing::warn!(
@@ -900,14 +1088,34 @@ impl Proxy {
         deadline: Instant,
     ) -> Result<Response<Body>, ProxyError> {
         tracing::Span::current().record("job_id", answer.job.id.as_str());
-        match self.wait_for_job(app, &answer, deadline).await? {
+        match self.wait_for_job(app, &answer, deadline, true).await? {
             Some(outcome) => Ok(job_reply(&outcome, &answer)),
             None => match self.config.facade.on_timeout {
-                OnTimeout::AsyncResponse => Ok(answer.into_response()),
+                OnTimeout::AsyncResponse => Ok(answer.into_timeout_response()),
                 OnTimeout::GatewayTimeout => Err(ProxyError::JobWaitTimeout {
                     job_id: answer.job.id,
                 }),
             },
+        }
+    }
+}
+
+/// Ends a flight whose task stopped without finishing it (a panic).
+struct FlightGuard {
+    proxy: Arc<Proxy>,
+    key: Digest,
+    done: bool,
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            tracing::error!("a write flight ended unexpectedly; releasing its idempotency key");
+            let error =
+                ProxyError::Internal("the write ended unexpectedly; it may be retried".into());
+            self.proxy
+                .idempotency
+                .finish(&self.key, FlightEnd::Error(error));
         }
     }
 }
@@ -920,12 +1128,20 @@ struct AsyncAnswer {
 }
 
 impl AsyncAnswer {
-    /// The original `async_response`, as Rutter's own `prefer_sync` returns it, with `X-Rutter-Job-ID`.
+    /// The original `async_response` as Rutter sent it, with `X-Rutter-Job-ID`.
     fn into_response(self) -> Response<Body> {
         let mut response = buffered_response(self.head, self.body);
         if let Ok(id) = HeaderValue::from_str(&self.job.id) {
             response.headers_mut().insert(X_RUTTER_JOB_ID, id);
         }
+        response
+    }
+
+    /// The deadline reply: the original `async_response` with status 200, as Rutter's own
+    /// `prefer_sync` returns it.
+    fn into_timeout_response(self) -> Response<Body> {
+        let mut response = self.into_response();
+        *response.status_mut() = StatusCode::OK;
         response
     }
 }
@@ -982,11 +1198,11 @@ fn buffered_response(mut head: http::response::Parts, bytes: Bytes) -> Response<
 }
 
 /// An upstream answer streamed to the app.
-fn streamed_response(response: Response<hyper::body::Incoming>) -> Response<Body> {
-    let (mut head, incoming) = response.into_parts();
+fn streamed_response(response: Response<Body>) -> Response<Body> {
+    let (mut head, body) = response.into_parts();
     proxy::prepare_response_headers(&mut head.headers, head.version);
     head.version = Version::HTTP_11;
-    Response::from_parts(head, body::boxed(incoming))
+    Response::from_parts(head, body)
 }
 
 #[cfg(test)]
@@ -1021,7 +1237,24 @@ mod tests {
             (
                 true,
                 Some("https://PRODUCTION.rutterapi.com:443/versioned/jobs/j1"),
-                "https://PRODUCTION.rutterapi.com:443/versioned/jobs/j1",
+                "https://production.rutterapi.com/versioned/jobs/j1",
+            ),
+            (
+                false,
+                Some("https://production.rutterapi.com/versioned/jobs/j1"),
+                "https://production.rutterapi.com/versioned/jobs/j1",
+            ),
+            (
+                true,
+                Some("https://production.rutterapi.com/versioned/jobs/j1?access_token=x"),
+                "https://production.rutterapi.com/versioned/jobs/j1",
+            ),
+            (
+                true,
+                Some(
+                    "https://production.rutterapi.com/versioned/connections/c/../../admin/jobs/j1",
+                ),
+                "https://production.rutterapi.com/versioned/jobs/j1",
             ),
             (
                 true,
@@ -1089,6 +1322,15 @@ mod tests {
         assert!(parse_async_response(br#"{"async_response":{"id":""}}"#)
             .unwrap()
             .is_err());
+        // Optional members of an unexpected type are ignored, not fatal.
+        let odd = parse_async_response(
+            br#"{"async_response":{"id":"j1","response_url":123,"status":{}}}"#,
+        );
+        let odd = odd.unwrap().unwrap();
+        assert_eq!(
+            (odd.id.as_str(), odd.response_url, odd.status),
+            ("j1", None, None)
+        );
     }
 
     #[test]

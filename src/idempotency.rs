@@ -183,6 +183,9 @@ pub enum FlightEnd {
     },
     /// A sidecar error (never stored).
     Error(ProxyError),
+    /// Rutter accepted the write but the job could not be followed (`jobs.max_tracked`): followers
+    /// get their `on_timeout` reply from this `async_response`.
+    Untracked(StoredAnswer),
 }
 
 /// What [`IdempotencyStore::claim`] decided for a request.

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use crate::body;
 use crate::config::{FacadeConfig, JobsConfig};
 use crate::error::ProxyError;
-use crate::upstream::Upstream;
+use crate::upstream::{CallKind, Upstream};
 
 /// Largest job object the sidecar reads from a poll.
 pub const MAX_JOB_BYTES: usize = 32 * 1024 * 1024;
@@ -108,7 +108,8 @@ pub fn terminal_outcome(job: &JobObject) -> Outcome {
         .as_ref()
         .and_then(|v| v.as_u64())
         .and_then(|v| u16::try_from(v).ok())
-        .filter(|v| (100..=599).contains(v))
+        // A final response is 2xx–5xx: 1xx would break HTTP framing towards the app.
+        .filter(|v| (200..=599).contains(v))
         .and_then(|v| StatusCode::from_u16(v).ok())
         .ok_or_else(|| {
             invalid("the job's response.http_status is missing or not an HTTP status")
@@ -183,6 +184,26 @@ pub enum TrackError {
 
 struct Tracker {
     outcome: watch::Sender<Option<Arc<Outcome>>>,
+    /// Tells the poll task to stop: the tracker was evicted to make room.
+    evicted: tokio::sync::Notify,
+}
+
+impl Tracker {
+    fn new() -> (Arc<Self>, watch::Receiver<Option<Arc<Outcome>>>) {
+        let (outcome, rx) = watch::channel(None);
+        (
+            Arc::new(Tracker {
+                outcome,
+                evicted: tokio::sync::Notify::new(),
+            }),
+            rx,
+        )
+    }
+
+    /// Finished, or followed by nobody but its own poll task: may be evicted when the registry is full.
+    fn evictable(&self) -> bool {
+        self.outcome.borrow().is_some() || self.outcome.receiver_count() <= 1
+    }
 }
 
 /// Counters for operations and tests.
@@ -198,6 +219,8 @@ pub struct JobStats {
     pub completed_externally: AtomicU64,
     /// Trackers dropped after `jobs.track_for` with nobody waiting.
     pub abandoned: AtomicU64,
+    /// Trackers evicted to make room under `jobs.max_tracked` (finished, or nobody waiting).
+    pub evicted: AtomicU64,
 }
 
 /// All trackers of this process.
@@ -220,6 +243,20 @@ impl Waiter {
     /// The job id waited on.
     pub fn job_id(&self) -> &str {
         &self.job_id
+    }
+
+    /// Waits until the job's outcome is known (`None` if the tracker was dropped without one).
+    pub async fn wait(&mut self) -> Option<Arc<Outcome>> {
+        self.rx
+            .wait_for(|o| o.is_some())
+            .await
+            .ok()
+            .and_then(|outcome| outcome.clone())
+    }
+
+    /// The outcome, if it is known now.
+    pub fn current(&self) -> Option<Arc<Outcome>> {
+        self.rx.borrow().clone()
     }
 
     /// Waits until the job's outcome is known or `deadline` passes (`None`).
@@ -271,11 +308,10 @@ impl JobRegistry {
                 rx: tracker.outcome.subscribe(),
             });
         }
-        if trackers.len() >= self.limits.max_tracked {
+        if trackers.len() >= self.limits.max_tracked && !self.evict_one(&mut trackers) {
             return Err(TrackError::TooManyJobs);
         }
-        let (tx, rx) = watch::channel(None);
-        let tracker = Arc::new(Tracker { outcome: tx });
+        let (tracker, rx) = Tracker::new();
         trackers.insert(job_id.to_string(), tracker.clone());
         drop(trackers);
         self.stats.trackers_created.fetch_add(1, Ordering::Relaxed);
@@ -286,6 +322,23 @@ impl JobRegistry {
             job_id: job_id.to_string(),
             rx,
         })
+    }
+
+    /// Makes room by dropping a finished tracker, or else one nobody waits on any more (its poll task
+    /// stops). False if every tracker has a waiter.
+    fn evict_one(&self, trackers: &mut HashMap<String, Arc<Tracker>>) -> bool {
+        let finished = trackers.iter().find(|(_, t)| t.outcome.borrow().is_some());
+        let victim = finished
+            .or_else(|| trackers.iter().find(|(_, t)| t.evictable()))
+            .map(|(id, _)| id.clone());
+        match victim.and_then(|id| trackers.remove(&id)) {
+            Some(tracker) => {
+                tracker.evicted.notify_one();
+                self.stats.evicted.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Completes `job_id` from another source (a verified job webhook) with a terminal job object.
@@ -307,8 +360,7 @@ impl JobRegistry {
                 if trackers.len() >= self.limits.max_tracked {
                     return false;
                 }
-                let (tx, _) = watch::channel(None);
-                let tracker = Arc::new(Tracker { outcome: tx });
+                let (tracker, _) = Tracker::new();
                 trackers.insert(job.id.clone(), tracker.clone());
                 tracker
             }
@@ -378,6 +430,7 @@ impl JobRegistry {
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = has_outcome(&mut finished) => return,
+                _ = tracker.evicted.notified() => return,
             }
             if tracker.outcome.borrow().is_some() {
                 return;
@@ -394,7 +447,8 @@ impl JobRegistry {
                 alone_since = None;
             }
             attempt = attempt.saturating_add(1);
-            let webhooks = self.webhooks_active();
+            // While webhooks arrive, or while nobody waits any more, polls may be further apart.
+            let webhooks = self.webhooks_active() || alone_since.is_some();
             match self.poll_once(&job_id, &target).await {
                 PollResult::Done(outcome) => {
                     if self.finish(&job_id, &tracker, outcome) {
@@ -422,7 +476,14 @@ impl JobRegistry {
         *request.method_mut() = Method::GET;
         *request.uri_mut() = target.uri.clone();
         *request.headers_mut() = target.headers.clone();
-        let (parts, bytes) = match self.upstream.send_buffered(request, MAX_JOB_BYTES).await {
+        // A poll waits for the rate budget at most as long as the longest poll interval; if the
+        // budget stays spent, the job is polled again later.
+        let budget_deadline = Instant::now() + self.schedule.max_with_webhooks;
+        let (parts, bytes) = match self
+            .upstream
+            .send_buffered(request, CallKind::Poll, budget_deadline, MAX_JOB_BYTES)
+            .await
+        {
             Ok(answer) => answer,
             Err(failure) => {
                 tracing::debug!(job_id, error = %failure.error, "job poll failed; will retry");
@@ -591,6 +652,8 @@ mod tests {
             r#"{"id":"a","status":"success","response":{"body":{}}}"#,
             r#"{"id":"a","status":"success","response":{"http_status":"200"}}"#,
             r#"{"id":"a","status":"success","response":{"http_status":99}}"#,
+            r#"{"id":"a","status":"success","response":{"http_status":101}}"#,
+            r#"{"id":"a","status":"success","response":{"http_status":199}}"#,
             r#"{"id":"a","status":"success","response":{"http_status":70000}}"#,
         ] {
             let err = terminal_outcome(&job(bad)).unwrap_err();

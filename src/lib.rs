@@ -17,7 +17,9 @@
 //! - [`demo`]: the `demo` subcommand.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod body;
+pub mod budget;
 pub mod config;
 pub mod demo;
 pub mod emulator;
@@ -25,9 +27,11 @@ pub mod error;
 pub mod facade;
 pub mod idempotency;
 pub mod jobs;
+pub mod lifecycle;
 pub mod proxy;
 pub mod rewrite;
 pub mod routes;
 pub mod server;
+pub mod telemetry;
 pub mod upstream;
 pub mod webhooks;

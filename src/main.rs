@@ -134,19 +134,25 @@ async fn run(path: Option<&Path>) -> ExitCode {
     for warning in config.warnings(&credentials) {
         tracing::warn!("{warning}");
     }
-    let (Some(proxy), Some(webhooks)) = (
+    let (Some(proxy), Some(webhooks), Some(admin)) = (
         bind(config.listen.proxy, "listen.proxy").await,
         bind(config.listen.webhooks, "listen.webhooks").await,
+        bind(config.listen.admin, "listen.admin").await,
     ) else {
         return ExitCode::FAILURE;
     };
     tracing::info!(
         proxy = %local(&proxy),
         webhooks = %local(&webhooks),
+        admin = %local(&admin),
         upstream = %config.upstream.base_url,
         "rutter-sidecar listening"
     );
-    let listeners = Listeners { proxy, webhooks };
+    let listeners = Listeners {
+        proxy,
+        webhooks,
+        admin,
+    };
     match server::run(config, credentials, listeners, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

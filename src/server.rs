@@ -1,6 +1,13 @@
-//! Listeners and the process's life: [`run`] takes already-bound sockets and a shutdown signal (so tests
-//! bind `127.0.0.1:0`), builds the upstream client, job registry and pipeline, and serves HTTP/1.1 and
-//! HTTP/2 (cleartext, prior knowledge) to apps until shutdown.
+//! Listeners and the process's life (DESIGN §8, §10). [`run`] takes already-bound sockets and a
+//! shutdown signal (so tests bind `127.0.0.1:0`), builds the upstream client, job registry, pipeline,
+//! webhook receiver and admin endpoints, and serves HTTP/1.1 and HTTP/2 (cleartext) until shutdown.
+//!
+//! Shutdown, once the signal resolves:
+//! 1. `/ready` answers 503 at once (Kubernetes takes the pod out of its endpoints);
+//! 2. the proxy listener still accepts new connections for `shutdown.drain_delay`, then closes;
+//! 3. requests waiting on jobs get until `shutdown.grace` (counted from the signal) to finish; then
+//!    each gets its `on_timeout` reply, so every app holds a job id and nothing is lost;
+//! 4. the webhook and admin listeners serve until the proxy is done; then `run` returns.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -9,25 +16,28 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
 
-use http::{Request, Response};
-use hyper::body::Incoming;
-
+use crate::admin::Admin;
 use crate::body::Body;
-use crate::config::{Config, Credentials};
+use crate::config::{Config, Credentials, ListenConfig};
 use crate::facade::Proxy;
 use crate::jobs::{JobRegistry, PollSchedule};
+use crate::lifecycle::Lifecycle;
+use crate::telemetry::Metrics;
 use crate::upstream::Upstream;
 use crate::webhooks::WebhookReceiver;
 
-/// Longest time a client may take to send a request head (slow-loris guard).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time left after `shutdown.grace` for answers already decided to reach their apps.
+const AFTER_GRACE: Duration = Duration::from_secs(5);
 
 /// The sockets the sidecar serves, bound by the caller.
 pub struct Listeners {
@@ -35,22 +45,33 @@ pub struct Listeners {
     pub proxy: TcpListener,
     /// The Rutter-facing webhook listener (`listen.webhooks`).
     pub webhooks: TcpListener,
+    /// The admin listener (`listen.admin`).
+    pub admin: TcpListener,
 }
 
-/// A running sidecar's shared parts, for callers that want to observe it (tests, demo).
+/// A sidecar's shared parts, for callers that want to observe it (tests, demo).
 #[derive(Clone)]
 pub struct Sidecar {
     /// The request pipeline.
     pub proxy: Arc<Proxy>,
     /// The webhook receiver.
     pub webhooks: Arc<WebhookReceiver>,
+    /// The admin endpoints.
+    pub admin: Arc<Admin>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Shutdown state.
+    pub lifecycle: Arc<Lifecycle>,
+    config: Arc<Config>,
 }
 
 impl Sidecar {
-    /// Builds the upstream client, job registry and pipeline from the configuration.
+    /// Builds the upstream client, job registry, pipeline and receivers from the configuration.
     pub fn new(config: Config, credentials: &Credentials) -> io::Result<Self> {
         let config = Arc::new(config);
-        let upstream = Upstream::new(&config.upstream)?;
+        let metrics = Metrics::new();
+        let lifecycle = Arc::new(Lifecycle::default());
+        let upstream = Upstream::new(&config.upstream, Arc::clone(&metrics))?;
         let jobs = JobRegistry::new(
             upstream.clone(),
             PollSchedule::from_config(&config.facade),
@@ -60,19 +81,42 @@ impl Sidecar {
             &config.webhooks,
             credentials,
             Arc::clone(&jobs),
+            Arc::clone(&metrics),
         ));
-        let proxy = Arc::new(Proxy::new(config, upstream, jobs, credentials));
-        Ok(Sidecar { proxy, webhooks })
+        let admin = Arc::new(Admin {
+            metrics: Arc::clone(&metrics),
+            lifecycle: Arc::clone(&lifecycle),
+            jobs: Arc::clone(&jobs),
+            upstream: upstream.clone(),
+        });
+        let proxy = Arc::new(Proxy::new(
+            Arc::clone(&config),
+            upstream,
+            jobs,
+            credentials,
+            Arc::clone(&metrics),
+            Arc::clone(&lifecycle),
+        ));
+        Ok(Sidecar {
+            proxy,
+            webhooks,
+            admin,
+            metrics,
+            lifecycle,
+            config,
+        })
     }
 
-    /// Serves on `listeners` until `shutdown` resolves, then lets requests in progress finish.
+    /// Serves on `listeners` until `shutdown` resolves, then shuts down as the module doc describes.
     pub async fn serve(
         self,
         listeners: Listeners,
         shutdown: impl Future<Output = ()> + Send,
     ) -> io::Result<()> {
         self.webhooks.start_forwarding()?;
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let limits = &self.config.listen;
+        let (stop_proxy, proxy_stopped) = watch::channel(false);
+        let (stop_others, others_stopped) = watch::channel(false);
         let proxy = self.proxy.clone();
         let proxy_task = tokio::spawn(serve(
             listeners.proxy,
@@ -80,7 +124,8 @@ impl Sidecar {
                 let proxy = proxy.clone();
                 async move { proxy.handle(request, peer).await }
             },
-            stop_rx.clone(),
+            limits.clone(),
+            proxy_stopped,
         ));
         let webhooks = self.webhooks.clone();
         let webhook_task = tokio::spawn(serve(
@@ -89,13 +134,55 @@ impl Sidecar {
                 let webhooks = webhooks.clone();
                 async move { webhooks.handle(request).await }
             },
-            stop_rx,
+            limits.clone(),
+            others_stopped.clone(),
         ));
+        let admin = self.admin.clone();
+        let admin_task = tokio::spawn(serve(
+            listeners.admin,
+            move |request, _peer| {
+                let response = admin.handle(&request);
+                async move { response }
+            },
+            limits.clone(),
+            others_stopped,
+        ));
+
         shutdown.await;
-        tracing::info!("shutting down");
-        let _ = stop_tx.send(true);
-        proxy_task.await.map_err(io::Error::other)?;
-        webhook_task.await.map_err(io::Error::other)?;
+        let signalled = Instant::now();
+        let shutdown = &self.config.shutdown;
+        tracing::info!(
+            drain_delay_ms = shutdown.drain_delay.as_millis() as u64,
+            grace_ms = shutdown.grace.as_millis() as u64,
+            "shutdown requested: not ready any more, draining"
+        );
+        self.lifecycle.start_draining();
+        let lifecycle = Arc::clone(&self.lifecycle);
+        let grace_end = signalled + shutdown.grace;
+        let grace_timer = tokio::spawn(async move {
+            tokio::time::sleep_until(grace_end).await;
+            tracing::info!("shutdown grace over: answering every waiting request now");
+            lifecycle.end_grace();
+        });
+        tokio::time::sleep_until(signalled + shutdown.drain_delay).await;
+        tracing::info!("drain delay over: refusing new connections");
+        let _ = stop_proxy.send(true);
+        let hard_stop = grace_end.max(Instant::now()) + AFTER_GRACE;
+        if tokio::time::timeout_at(hard_stop, proxy_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("some proxy connections were still open at the end of the grace period");
+        }
+        grace_timer.abort();
+        self.lifecycle.end_grace();
+        let _ = stop_others.send(true);
+        let others = async {
+            let _ = webhook_task.await;
+            let _ = admin_task.await;
+        };
+        let _ = tokio::time::timeout(AFTER_GRACE, others).await;
+        tracing::info!("stopped");
         Ok(())
     }
 }
@@ -112,31 +199,50 @@ pub async fn run(
         .await
 }
 
-/// The HTTP server settings shared by the listeners.
-pub fn http_builder() -> auto::Builder<TokioExecutor> {
+/// The HTTP server settings shared by the listeners: head size limit and idle timeout.
+pub fn http_builder(limits: &ListenConfig) -> auto::Builder<TokioExecutor> {
+    let header_bytes = usize::try_from(limits.max_header_bytes)
+        .unwrap_or(usize::MAX)
+        .max(8 * 1024);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(256 * 1024);
+        .header_read_timeout(limits.idle_timeout)
+        // A client may close its sending side once the request is out and still get the answer.
+        .half_close(true)
+        .max_buf_size(header_bytes);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(64 * 1024);
+        .max_header_list_size(u32::try_from(header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(limits.idle_timeout))
+        .keep_alive_timeout(Duration::from_secs(20));
     builder
 }
 
-/// Accepts connections on `listener` and serves each request with `handler` until `stop` is set, then
-/// lets the connections in progress finish.
-async fn serve<H, F>(listener: TcpListener, handler: H, mut stop: watch::Receiver<bool>)
-where
+/// Accepts connections on `listener` (at most `listen.max_connections` open at once) and serves each
+/// request with `handler` until `stop` is set; then lets the connections in progress finish.
+async fn serve<H, F>(
+    listener: TcpListener,
+    handler: H,
+    limits: ListenConfig,
+    mut stop: watch::Receiver<bool>,
+) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let builder = http_builder();
+    let builder = http_builder(&limits);
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     loop {
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            _ = stopped(&mut stop) => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -160,6 +266,7 @@ where
                     if let Err(error) = connection.await {
                         tracing::debug!(%peer, error = %error, "connection ended with an error");
                     }
+                    drop(slot);
                 });
             }
             _ = stopped(&mut stop) => break,
@@ -172,9 +279,4 @@ where
 /// Resolves once the stop flag is set (or its sender is gone).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stopped| *stopped).await;
-}
-
-/// The address a listener is bound to (for logs).
-pub fn local_addr(listener: &TcpListener) -> Option<SocketAddr> {
-    listener.local_addr().ok()
 }

@@ -8,19 +8,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
+use tokio::time::Instant;
 
 use crate::body::Body;
+use crate::budget::{Budget, Priority, Slot};
 use crate::config::{BaseUrl, UpstreamConfig};
 use crate::error::ProxyError;
+use crate::telemetry::Metrics;
 
 /// Builds the rustls client configuration: the Mozilla web roots, plus every certificate in `ca_file`.
 pub fn tls_config(ca_file: Option<&Path>) -> io::Result<rustls::ClientConfig> {
@@ -96,23 +98,55 @@ pub struct UpstreamFailure {
     pub nothing_sent: bool,
 }
 
-/// The pooled client towards Rutter.
+/// What an upstream call is for: decides its priority for the rate budget and its metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallKind {
+    /// A buffered write on behalf of an app (facade or explicit-async).
+    Write,
+    /// A passthrough exchange on behalf of an app.
+    Passthrough,
+    /// A job poll the sidecar makes itself.
+    Poll,
+}
+
+impl CallKind {
+    fn label(self) -> &'static str {
+        match self {
+            CallKind::Write => "write",
+            CallKind::Passthrough => "passthrough",
+            CallKind::Poll => "poll",
+        }
+    }
+
+    fn priority(self) -> Priority {
+        match self {
+            CallKind::Poll => Priority::Poll,
+            _ => Priority::App,
+        }
+    }
+}
+
+/// The pooled client towards Rutter, behind the organisation's rate budget.
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, Body>,
     base: BaseUrl,
     request_timeout: Duration,
+    budget: Arc<Budget>,
+    metrics: Arc<Metrics>,
 }
 
 impl Upstream {
     /// Builds the client. Reads `upstream.ca_file` when set.
-    pub fn new(config: &UpstreamConfig) -> io::Result<Self> {
+    pub fn new(config: &UpstreamConfig, metrics: Arc<Metrics>) -> io::Result<Self> {
         let tls = tls_config(config.ca_file.as_deref())?;
         let client = http_client(tls, config.connect_timeout, config.max_in_flight);
         Ok(Upstream {
             client,
             base: config.base_url.clone(),
             request_timeout: config.request_timeout,
+            budget: Arc::new(Budget::new(config.rate_limit, config.max_in_flight)),
+            metrics,
         })
     }
 
@@ -121,28 +155,95 @@ impl Upstream {
         &self.base
     }
 
-    /// Sends a request and returns once the response head arrives (the body streams afterwards).
-    pub async fn send(
-        &self,
-        request: Request<Body>,
-    ) -> Result<Response<Incoming>, UpstreamFailure> {
-        match tokio::time::timeout(self.request_timeout, self.client.request(request)).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(error)) => Err(classify(&error)),
-            Err(_) => Err(UpstreamFailure {
-                error: ProxyError::UpstreamTimeout(self.request_timeout),
-                nothing_sent: false,
-            }),
+    /// The rate budget (for metrics and tests).
+    pub fn budget(&self) -> &Budget {
+        &self.budget
+    }
+
+    /// The `upstream.request_timeout`.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    /// Waits for the rate budget and an in-flight slot, until `deadline`.
+    async fn admit(&self, kind: CallKind, deadline: Instant) -> Result<Slot, UpstreamFailure> {
+        let started = Instant::now();
+        let result = self.budget.acquire(kind.priority(), deadline).await;
+        let waited = started.elapsed();
+        if waited >= Duration::from_millis(1) {
+            self.metrics.rate_limit_waits.inc();
+            self.metrics.rate_limit_wait.observe(waited.as_secs_f64());
+        }
+        result.map_err(|exhausted| {
+            self.metrics.upstream_call(kind.label(), "budget");
+            UpstreamFailure {
+                error: ProxyError::RateBudgetExhausted {
+                    retry_after: exhausted.retry_after,
+                },
+                nothing_sent: true,
+            }
+        })
+    }
+
+    /// Records the answer's status and feeds 429/452 back into the budget.
+    fn observe(&self, kind: CallKind, status: StatusCode, headers: &HeaderMap) {
+        self.metrics.upstream_call(kind.label(), status.as_u16());
+        if matches!(status.as_u16(), 429 | 452) {
+            self.budget.penalise(crate::jobs::retry_after(headers));
         }
     }
 
+    /// Sends a request and returns once the response head arrives; the body streams afterwards and
+    /// holds its in-flight slot until it ends.
+    pub async fn send(
+        &self,
+        request: Request<Body>,
+        kind: CallKind,
+        deadline: Instant,
+    ) -> Result<Response<Body>, UpstreamFailure> {
+        let slot = self.admit(kind, deadline).await?;
+        match tokio::time::timeout(self.request_timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => {
+                self.observe(kind, response.status(), response.headers());
+                Ok(response.map(move |incoming| {
+                    let body = incoming.map_frame(move |frame| {
+                        let _held = &slot;
+                        frame
+                    });
+                    crate::body::boxed(body)
+                }))
+            }
+            Ok(Err(error)) => Err(self.failed(kind, classify(&error))),
+            Err(_) => Err(self.failed(
+                kind,
+                UpstreamFailure {
+                    error: ProxyError::UpstreamTimeout(self.request_timeout),
+                    nothing_sent: false,
+                },
+            )),
+        }
+    }
+
+    fn failed(&self, kind: CallKind, failure: UpstreamFailure) -> UpstreamFailure {
+        let label = if matches!(failure.error, ProxyError::UpstreamTimeout(_)) {
+            "timeout"
+        } else {
+            "error"
+        };
+        self.metrics.upstream_call(kind.label(), label);
+        failure
+    }
+
     /// Sends a request and reads the whole response body (at most `max_body` bytes), all within
-    /// `upstream.request_timeout`.
+    /// `upstream.request_timeout` (after waiting for the budget until `deadline`).
     pub async fn send_buffered(
         &self,
         request: Request<Body>,
+        kind: CallKind,
+        deadline: Instant,
         max_body: usize,
     ) -> Result<(http::response::Parts, Bytes), UpstreamFailure> {
+        let _slot = self.admit(kind, deadline).await?;
         let exchange = async {
             let response = self
                 .client
@@ -164,11 +265,18 @@ impl Upstream {
             Ok((parts, bytes.to_bytes()))
         };
         match tokio::time::timeout(self.request_timeout, exchange).await {
-            Ok(result) => result,
-            Err(_) => Err(UpstreamFailure {
-                error: ProxyError::UpstreamTimeout(self.request_timeout),
-                nothing_sent: false,
-            }),
+            Ok(Ok((parts, bytes))) => {
+                self.observe(kind, parts.status, &parts.headers);
+                Ok((parts, bytes))
+            }
+            Ok(Err(failure)) => Err(self.failed(kind, failure)),
+            Err(_) => Err(self.failed(
+                kind,
+                UpstreamFailure {
+                    error: ProxyError::UpstreamTimeout(self.request_timeout),
+                    nothing_sent: false,
+                },
+            )),
         }
     }
 }

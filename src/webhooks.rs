@@ -31,6 +31,7 @@ use crate::body::{self, Body, BoxError};
 use crate::config::{Credentials, WebhooksConfig};
 use crate::error::ProxyError;
 use crate::jobs::{JobObject, JobRegistry};
+use crate::telemetry::Metrics;
 use crate::upstream;
 
 /// Largest webhook body accepted (413 beyond).
@@ -127,11 +128,17 @@ pub struct WebhookReceiver {
     forward_tx: Option<mpsc::Sender<Forward>>,
     forward_rx: Mutex<Option<mpsc::Receiver<Forward>>>,
     stats: Arc<WebhookStats>,
+    metrics: Arc<Metrics>,
 }
 
 impl WebhookReceiver {
     /// A receiver completing jobs in `jobs`, verifying with the client secret from `credentials`.
-    pub fn new(config: &WebhooksConfig, credentials: &Credentials, jobs: Arc<JobRegistry>) -> Self {
+    pub fn new(
+        config: &WebhooksConfig,
+        credentials: &Credentials,
+        jobs: Arc<JobRegistry>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let (forward_tx, forward_rx) = match config.forward_to {
             Some(_) => {
                 let (tx, rx) = mpsc::channel(config.forward_queue.max(1));
@@ -153,6 +160,7 @@ impl WebhookReceiver {
             forward_tx,
             forward_rx: Mutex::new(forward_rx),
             stats: Arc::new(WebhookStats::default()),
+            metrics,
         }
     }
 
@@ -185,6 +193,7 @@ impl WebhookReceiver {
             attempts: self.config.forward_attempts.max(1),
             backoff: self.config.forward_backoff,
             stats: Arc::clone(&self.stats),
+            metrics: Arc::clone(&self.metrics),
         };
         tokio::spawn(forwarder.run(rx));
         Ok(())
@@ -200,6 +209,15 @@ impl WebhookReceiver {
         match self.receive(request).await {
             Ok(response) => response,
             Err(error) => {
+                if matches!(
+                    error,
+                    ProxyError::NotFound
+                        | ProxyError::MethodNotAllowed
+                        | ProxyError::BodyTooLarge { .. }
+                        | ProxyError::BadRequest(_)
+                ) {
+                    self.metrics.webhook("rejected");
+                }
                 tracing::info!(code = error.code(), %error, "webhook refused");
                 error.to_response()
             }
@@ -252,6 +270,7 @@ impl WebhookReceiver {
             };
             if !valid {
                 self.stats.unauthorized.fetch_add(1, Relaxed);
+                self.metrics.webhook("unauthorized");
                 return Err(ProxyError::WebhookUnauthorized);
             }
         }
@@ -259,6 +278,7 @@ impl WebhookReceiver {
 
         let envelope: Envelope = serde_json::from_slice(&body).map_err(|_| {
             self.stats.malformed.fetch_add(1, Relaxed);
+            self.metrics.webhook("malformed");
             ProxyError::WebhookMalformed("not a JSON object with a type".into())
         })?;
         let is_job = envelope.kind.as_deref() == Some("JOB");
@@ -266,6 +286,7 @@ impl WebhookReceiver {
             (true, Some("JOB_COMPLETED"), Some(job)) => {
                 Some(serde_json::from_value::<JobObject>(job).map_err(|_| {
                     self.stats.malformed.fetch_add(1, Relaxed);
+                    self.metrics.webhook("malformed");
                     ProxyError::WebhookMalformed("the job object has no id or status".into())
                 })?)
             }
@@ -275,6 +296,7 @@ impl WebhookReceiver {
         let digest: [u8; 32] = Sha256::digest(&body).into();
         if self.seen.contains_key(&digest) {
             self.stats.duplicates.fetch_add(1, Relaxed);
+            self.metrics.webhook("duplicate");
             return Ok(accepted());
         }
 
@@ -286,6 +308,7 @@ impl WebhookReceiver {
                 Ok(permit) => Some(permit),
                 Err(_) => {
                     self.stats.forward_queue_full.fetch_add(1, Relaxed);
+                    self.metrics.webhook("queue_full");
                     return Err(ProxyError::Overloaded(
                         "the webhook forwarding queue is full".into(),
                     ));
@@ -310,6 +333,7 @@ impl WebhookReceiver {
                 content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
             });
         }
+        self.metrics.webhook("accepted");
         Ok(accepted())
     }
 }
@@ -329,6 +353,7 @@ struct Forwarder {
     attempts: usize,
     backoff: Duration,
     stats: Arc<WebhookStats>,
+    metrics: Arc<Metrics>,
 }
 
 impl Forwarder {
@@ -375,6 +400,7 @@ impl Forwarder {
             };
             if status.is_some_and(|s| s.is_success()) {
                 self.stats.forwarded.fetch_add(1, Relaxed);
+                self.metrics.webhook_forward("delivered");
                 return;
             }
             tracing::info!(
@@ -388,6 +414,7 @@ impl Forwarder {
             }
         }
         self.stats.forward_failed.fetch_add(1, Relaxed);
+        self.metrics.webhook_forward("failed");
         tracing::warn!(
             attempts = self.attempts,
             "gave up forwarding a webhook to the app"

@@ -150,6 +150,7 @@ pub struct SidecarHandle {
     pub sidecar: Sidecar,
     pub addr: SocketAddr,
     pub webhook_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -171,6 +172,8 @@ pub fn config_for(upstream: SocketAddr) -> Config {
     config.facade.poll_max = Duration::from_millis(80);
     config.facade.poll_max_with_webhooks = Duration::from_millis(200);
     config.facade.max_wait = Duration::from_secs(20);
+    // Tests that are not about Rutter's budget should not be slowed by it.
+    config.upstream.rate_limit.requests = 1_000_000;
     config
 }
 
@@ -195,6 +198,8 @@ pub async fn start_sidecar_with(config: Config, credentials: Credentials) -> Sid
     let addr = listener.local_addr().expect("addr");
     let webhooks = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let webhook_addr = webhooks.local_addr().expect("addr");
+    let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let admin_addr = admin.local_addr().expect("addr");
     let (stop, stopped) = oneshot::channel::<()>();
     let server = sidecar.clone();
     tokio::spawn(async move {
@@ -203,6 +208,7 @@ pub async fn start_sidecar_with(config: Config, credentials: Credentials) -> Sid
                 Listeners {
                     proxy: listener,
                     webhooks,
+                    admin,
                 },
                 async move {
                     let _ = stopped.await;
@@ -214,6 +220,7 @@ pub async fn start_sidecar_with(config: Config, credentials: Credentials) -> Sid
         sidecar,
         addr,
         webhook_addr,
+        admin_addr,
         stop: Some(stop),
     }
 }
