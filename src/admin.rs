@@ -54,7 +54,10 @@ impl Admin {
                 let mut response = Response::new(body::full(Bytes::from(self.metrics.encode())));
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                    // prometheus-client writes the OpenMetrics text format (which Prometheus reads).
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
                 );
                 response
             }

@@ -583,8 +583,10 @@ impl Proxy {
                 Ok(response)
             }
             None => match self
-                .write(&app, &target, new_body, inspection.deadline, false)
-                .await?
+                .lifecycle
+                .until_cutoff(self.write(&app, &target, new_body, inspection.deadline, false))
+                .await
+                .ok_or(ProxyError::ShuttingDown)??
             {
                 WriteAnswer::Final { head, body } => Ok(buffered_response(head, body)),
                 WriteAnswer::Async(answer) if inspection.respond_async => {
@@ -770,11 +772,14 @@ impl Proxy {
             .and_then(|r| r.ok().map(|state| state.clone()));
         let mut state = ended.unwrap_or_else(|| flight.borrow().clone());
         if matches!(state, FlightState::Writing) {
-            // The deadline came before Rutter answered the write: wait for that answer (bounded by
-            // the write's own timeout) so the app at least gets the job id.
+            // The deadline (or the shutdown grace) came before Rutter answered the write: wait for
+            // that answer, bounded by the write's own timeout and the shutdown cutoff, so the app at
+            // least gets the job id.
             let written = flight.wait_for(|s| !matches!(s, FlightState::Writing));
             let bound = Instant::now() + self.upstream.request_timeout() + Duration::from_secs(1);
-            if let Some(Ok(written)) = self.lifecycle.within(bound, written).await {
+            let written =
+                tokio::time::timeout_at(bound, self.lifecycle.until_cutoff(written)).await;
+            if let Ok(Some(Ok(written))) = written {
                 state = written.clone();
             }
         }
@@ -788,6 +793,7 @@ impl Proxy {
                 FlightEnd::Untracked(async_answer) => self.timeout_reply(async_answer),
             },
             FlightState::Accepted(async_answer) => self.timeout_reply(&async_answer),
+            FlightState::Writing if self.lifecycle.is_grace_over() => Err(ProxyError::ShuttingDown),
             FlightState::Writing => {
                 Err(ProxyError::UpstreamTimeout(self.upstream.request_timeout()))
             }
@@ -917,10 +923,14 @@ impl Proxy {
         let budget_deadline = inspection
             .deadline
             .min(Instant::now() + self.upstream.request_timeout());
-        let response = self
+        let send = self
             .upstream
-            .send(request, CallKind::Passthrough, budget_deadline)
+            .send(request, CallKind::Passthrough, budget_deadline);
+        let response = self
+            .lifecycle
+            .until_cutoff(send)
             .await
+            .ok_or(ProxyError::ShuttingDown)?
             .map_err(|f| f.error)?;
         if response.status().is_informational() {
             return Err(ProxyError::UpstreamUnavailable(format!(
@@ -1110,7 +1120,13 @@ struct FlightGuard {
 impl Drop for FlightGuard {
     fn drop(&mut self) {
         if !self.done {
-            tracing::error!("a write flight ended unexpectedly; releasing its idempotency key");
+            if std::thread::panicking() {
+                tracing::error!("a write flight panicked; releasing its idempotency key");
+            } else {
+                tracing::info!(
+                    "a write flight was stopped (shutdown); releasing its idempotency key"
+                );
+            }
             let error =
                 ProxyError::Internal("the write ended unexpectedly; it may be retried".into());
             self.proxy

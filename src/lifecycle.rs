@@ -3,9 +3,14 @@
 //! waiting requests get their `on_timeout` reply, new ones `SHUTTING_DOWN`).
 
 use std::future::Future;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
+
+/// How long after the grace an exchange already under way may still run, so that its answer (and the
+/// job id in it) reaches the app before the process stops.
+pub const AFTER_GRACE: Duration = Duration::from_secs(4);
 
 /// Shared shutdown flags.
 pub struct Lifecycle {
@@ -49,6 +54,24 @@ impl Lifecycle {
         let mut rx = self.grace_over.subscribe();
         async move {
             let _ = rx.wait_for(|over| *over).await;
+        }
+    }
+
+    /// Resolves [`AFTER_GRACE`] after the grace period ends: the last moment for exchanges under way.
+    pub fn cutoff(&self) -> impl Future<Output = ()> + Send + 'static {
+        let grace = self.grace_over();
+        async move {
+            grace.await;
+            tokio::time::sleep(AFTER_GRACE).await;
+        }
+    }
+
+    /// Runs `work` until it finishes or the shutdown cutoff passes (`None`).
+    pub async fn until_cutoff<F: Future>(&self, work: F) -> Option<F::Output> {
+        let cutoff = self.cutoff();
+        tokio::select! {
+            out = work => Some(out),
+            _ = cutoff => None,
         }
     }
 

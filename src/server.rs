@@ -36,7 +36,8 @@ use crate::telemetry::Metrics;
 use crate::upstream::Upstream;
 use crate::webhooks::WebhookReceiver;
 
-/// Time left after `shutdown.grace` for answers already decided to reach their apps.
+/// Time left after `shutdown.grace` for the last answers to reach their apps (a second more than
+/// the cutoff for exchanges under way).
 const AFTER_GRACE: Duration = Duration::from_secs(5);
 
 /// The sockets the sidecar serves, bound by the caller.

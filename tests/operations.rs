@@ -78,7 +78,7 @@ async fn metrics_follow_the_traffic() {
     assert!(before
         .header("content-type")
         .unwrap()
-        .starts_with("text/plain"));
+        .starts_with("application/openmetrics-text"));
     let text = String::from_utf8(before.body.to_vec()).unwrap();
     assert_eq!(
         metric(
