@@ -296,6 +296,19 @@ struct AppRequest {
     headers: HeaderMap,
     versioned: bool,
     peer: SocketAddr,
+    /// Closed when the app's request is gone (the app disconnected): waits on its behalf stop, while
+    /// the write and the job's tracking go on.
+    presence: Arc<watch::Sender<()>>,
+}
+
+impl AppRequest {
+    /// Runs `work` until it finishes or the app goes away (`None`).
+    async fn unless_gone<F: std::future::Future>(&self, work: F) -> Option<F::Output> {
+        tokio::select! {
+            out = work => Some(out),
+            _ = self.presence.closed() => None,
+        }
+    }
 }
 
 /// The upstream's answer to a buffered write.
@@ -417,9 +430,7 @@ impl Proxy {
             .routes
             .find(&parts.method, parts.uri.path())
             .cloned();
-        let query_async = rewrite::query_response_modes(parts.uri.query())
-            .iter()
-            .any(|m| m == "async");
+        let query_async = rewrite::query_asks_async(parts.uri.query());
         // `Prefer: respond-async` on an async-capable route is honoured by asking Rutter for async
         // mode (the rewrite) without waiting; anywhere else it is forwarded as is.
         let class = if query_async || (prefer.respond_async && route.is_none()) {
@@ -464,19 +475,32 @@ impl Proxy {
         }
         let path = parts.uri.path().to_string();
         let query = parts.uri.query().map(str::to_string);
+        // `_present` lives as long as the app's request: when the app disconnects it is dropped.
+        let (presence, _present) = watch::channel(());
         let app = AppRequest {
             method: parts.method,
             version: parts.version,
             headers: parts.headers,
             versioned: inspection.versioned,
             peer,
+            presence: Arc::new(presence),
         };
         // Writes (and facade reads) run in their own task: if the app disconnects, the write still
         // completes and its job is still tracked, so a retry can pick the result up. Nothing is lost.
-        let detach = inspection.class == Class::Facade
-            || !matches!(app.method, Method::GET | Method::HEAD | Method::OPTIONS);
+        // Facade POST/PATCH with an idempotency key need no extra task: their write already runs in
+        // its own flight task.
+        let keyed = inspection.class == Class::Facade
+            && matches!(app.method, Method::POST | Method::PATCH)
+            && !inspection.respond_async
+            && (app.headers.contains_key(&IDEMPOTENCY_KEY)
+                || self.config.idempotency.generate_missing_keys);
+        let detach = !keyed
+            && (inspection.class == Class::Facade
+                || !matches!(app.method, Method::GET | Method::HEAD | Method::OPTIONS));
         let this = Arc::clone(self);
-        let work = async move {
+        // Boxed: a request waiting on a job then holds only the state it needs, not the largest
+        // state any phase could need (memory per waiting request).
+        let work = Box::pin(async move {
             match inspection.class {
                 Class::Facade => {
                     this.facade(app, &path, query.as_deref(), incoming, inspection)
@@ -487,7 +511,7 @@ impl Proxy {
                         .await
                 }
             }
-        };
+        });
         if detach {
             let task = tokio::spawn(tracing::Instrument::instrument(
                 work,
@@ -538,7 +562,7 @@ impl Proxy {
             tracing::Span::current().record("class", Class::ExplicitAsync.as_str());
             let target = proxy::path_and_query(path, query);
             return match self
-                .write(&app, &target, bytes, inspection.deadline, false)
+                .write_boxed(&app, &target, bytes, inspection.deadline, false)
                 .await?
             {
                 WriteAnswer::Final { head, body } => Ok(buffered_response(head, body)),
@@ -584,7 +608,7 @@ impl Proxy {
             }
             None => match self
                 .lifecycle
-                .until_cutoff(self.write(&app, &target, new_body, inspection.deadline, false))
+                .until_cutoff(self.write_boxed(&app, &target, new_body, inspection.deadline, false))
                 .await
                 .ok_or(ProxyError::ShuttingDown)??
             {
@@ -689,7 +713,7 @@ impl Proxy {
                 flight
             }
         };
-        self.follow_flight(flight, inspection.deadline).await
+        self.follow_flight(flight, inspection.deadline, &app).await
     }
 
     /// The leader's task: write (with retries), then wait for the job beyond any app's deadline, then
@@ -703,7 +727,7 @@ impl Proxy {
         fingerprint: Digest,
         deadline: Instant,
     ) {
-        let end = match self.write(&app, &target, body, deadline, true).await {
+        let end = match self.write_boxed(&app, &target, body, deadline, true).await {
             Err(error) => FlightEnd::Error(error),
             Ok(WriteAnswer::Final { head, body }) => {
                 let stored = idempotency::storable_upstream_answer(head.status, &head.headers);
@@ -761,14 +785,16 @@ impl Proxy {
         &self,
         mut flight: watch::Receiver<FlightState>,
         deadline: Instant,
+        app: &AppRequest,
     ) -> Result<Response<Body>, ProxyError> {
         let _waiting = self.metrics.waiting();
         let started = Instant::now();
-        let finished = flight.wait_for(|s| matches!(s, FlightState::Finished(_)));
+        let finished = app.unless_gone(flight.wait_for(|s| matches!(s, FlightState::Finished(_))));
         let ended = self
             .lifecycle
             .within(deadline, finished)
             .await
+            .flatten()
             .and_then(|r| r.ok().map(|state| state.clone()));
         let mut state = ended.unwrap_or_else(|| flight.borrow().clone());
         if matches!(state, FlightState::Writing) {
@@ -817,6 +843,20 @@ impl Proxy {
             }
             OnTimeout::GatewayTimeout => Err(ProxyError::JobWaitTimeout { job_id }),
         }
+    }
+
+    /// [`Proxy::write`] on the heap, so callers that go on to wait do not carry its state.
+    fn write_boxed<'a>(
+        &'a self,
+        app: &'a AppRequest,
+        target: &'a str,
+        body: Bytes,
+        deadline: Instant,
+        keyed: bool,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<WriteAnswer, ProxyError>> + Send + 'a>,
+    > {
+        Box::pin(self.write(app, target, body, deadline, keyed))
     }
 
     /// Phase 4 for buffered writes: forward, with the retries DESIGN §6 allows. With an idempotency key:
@@ -1071,7 +1111,11 @@ impl Proxy {
             Ok(mut waiter) if app_wait => {
                 let _waiting = self.metrics.waiting();
                 let started = Instant::now();
-                let outcome = match self.lifecycle.within(until, waiter.wait()).await {
+                let waited = self
+                    .lifecycle
+                    .within(until, app.unless_gone(waiter.wait()))
+                    .await;
+                let outcome = match waited.flatten() {
                     Some(outcome) => outcome,
                     None => waiter.current(),
                 };

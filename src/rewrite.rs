@@ -58,6 +58,14 @@ fn pair_key_value(pair: &str) -> (Cow<'_, str>, Cow<'_, str>) {
     }
 }
 
+/// Whether a raw query string asks for `response_mode=async` (no allocation for plain queries).
+pub fn query_asks_async(query: Option<&str>) -> bool {
+    query.unwrap_or("").split('&').any(|pair| {
+        let (key, value) = pair_key_value(pair);
+        key == RESPONSE_MODE && value == "async"
+    })
+}
+
 /// The `response_mode` values in a raw query string, in order.
 pub fn query_response_modes(query: Option<&str>) -> Vec<String> {
     query_values(query, RESPONSE_MODE)
@@ -302,6 +310,12 @@ mod tests {
             vec!["async"]
         );
         assert_eq!(query_response_modes(None), Vec::<String>::new());
+        assert!(query_asks_async(Some("a=1&response_mode=async")));
+        assert!(query_asks_async(Some(
+            "response_mode=prefer_sync&response%5Fmode=a%73ync"
+        )));
+        assert!(!query_asks_async(Some("response_mode=prefer_sync&x=async")));
+        assert!(!query_asks_async(None));
         assert_eq!(
             strip_query_response_mode(Some("a=1&response_mode=async&b=%20")),
             "a=1&b=%20"

@@ -210,8 +210,6 @@ pub fn http_builder(limits: &ListenConfig) -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.idle_timeout)
-        // A client may close its sending side once the request is out and still get the answer.
-        .half_close(true)
         .max_buf_size(header_bytes);
     builder
         .http2()

@@ -202,7 +202,8 @@ impl Upstream {
         deadline: Instant,
     ) -> Result<Response<Body>, UpstreamFailure> {
         let slot = self.admit(kind, deadline).await?;
-        match tokio::time::timeout(self.request_timeout, self.client.request(request)).await {
+        let exchange = Box::pin(self.client.request(request));
+        match tokio::time::timeout(self.request_timeout, exchange).await {
             Ok(Ok(response)) => {
                 self.observe(kind, response.status(), response.headers());
                 Ok(response.map(move |incoming| {
@@ -244,7 +245,7 @@ impl Upstream {
         max_body: usize,
     ) -> Result<(http::response::Parts, Bytes), UpstreamFailure> {
         let _slot = self.admit(kind, deadline).await?;
-        let exchange = async {
+        let exchange = Box::pin(async {
             let response = self
                 .client
                 .request(request)
@@ -263,7 +264,7 @@ impl Upstream {
                         nothing_sent: false,
                     })?;
             Ok((parts, bytes.to_bytes()))
-        };
+        });
         match tokio::time::timeout(self.request_timeout, exchange).await {
             Ok(Ok((parts, bytes))) => {
                 self.observe(kind, parts.status, &parts.headers);

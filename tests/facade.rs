@@ -640,7 +640,13 @@ async fn an_app_that_disconnects_does_not_stop_the_jobs_tracking() {
     request.abort();
     let _ = request.await;
     let polls_at_disconnect = polls(&rutter.emulator);
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        sidecar.sidecar.metrics.waiters.get(),
+        0,
+        "nobody waits for an app that left, though the job is still followed"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(
         polls(&rutter.emulator) > polls_at_disconnect,
         "polling went on after the app left"
