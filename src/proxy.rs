@@ -79,6 +79,15 @@ pub fn append_via(headers: &mut HeaderMap, version: Version) {
 /// listener speaks cleartext).
 pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr) {
     let xff = HeaderName::from_static("x-forwarded-for");
+    let proto = HeaderName::from_static("x-forwarded-proto");
+    if !headers.contains_key(&xff) {
+        // The common case (the app talks to the sidecar directly): no list to extend.
+        if let Ok(value) = HeaderValue::from_str(&peer.to_string()) {
+            headers.insert(xff, value);
+        }
+        headers.insert(proto, HeaderValue::from_static("http"));
+        return;
+    }
     let existing: Vec<String> = headers
         .get_all(&xff)
         .iter()
@@ -95,10 +104,7 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr) {
     if let Ok(value) = HeaderValue::from_str(&value) {
         headers.insert(xff, value);
     }
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("http"),
-    );
+    headers.insert(proto, HeaderValue::from_static("http"));
 }
 
 /// Prepares request headers for the upstream: hop-by-hop removed, `Host` set to the upstream's

@@ -4,6 +4,7 @@
 //! Labels carry only bounded, non-secret values: request class, HTTP status, call kind, result names.
 //! Never a path, query, key, token or job id.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -28,7 +29,7 @@ pub struct UpstreamLabels {
     /// `write`, `passthrough`, `poll`.
     pub kind: &'static str,
     /// The HTTP status, or `error` / `timeout` / `budget` when there was none.
-    pub status: String,
+    pub status: Cow<'static, str>,
 }
 
 /// One `result` label.
@@ -181,12 +182,29 @@ impl Metrics {
             .observe(seconds);
     }
 
-    /// Counts one upstream call; `status` is the HTTP status or a failure name.
-    pub fn upstream_call(&self, kind: &'static str, status: impl ToString) {
+    /// Counts one upstream call answered with an HTTP status.
+    pub fn upstream_call(&self, kind: &'static str, status: u16) {
+        // Common statuses need no allocation for the label.
+        let status = match status {
+            200 => Cow::Borrowed("200"),
+            201 => Cow::Borrowed("201"),
+            202 => Cow::Borrowed("202"),
+            204 => Cow::Borrowed("204"),
+            404 => Cow::Borrowed("404"),
+            429 => Cow::Borrowed("429"),
+            other => Cow::Owned(other.to_string()),
+        };
+        self.upstream_calls
+            .get_or_create(&UpstreamLabels { kind, status })
+            .inc();
+    }
+
+    /// Counts one upstream call that got no HTTP status (`error`, `timeout`, `budget`).
+    pub fn upstream_failure(&self, kind: &'static str, failure: &'static str) {
         self.upstream_calls
             .get_or_create(&UpstreamLabels {
                 kind,
-                status: status.to_string(),
+                status: Cow::Borrowed(failure),
             })
             .inc();
     }

@@ -175,7 +175,7 @@ impl Upstream {
             self.metrics.rate_limit_wait.observe(waited.as_secs_f64());
         }
         result.map_err(|exhausted| {
-            self.metrics.upstream_call(kind.label(), "budget");
+            self.metrics.upstream_failure(kind.label(), "budget");
             UpstreamFailure {
                 error: ProxyError::RateBudgetExhausted {
                     retry_after: exhausted.retry_after,
@@ -231,7 +231,7 @@ impl Upstream {
         } else {
             "error"
         };
-        self.metrics.upstream_call(kind.label(), label);
+        self.metrics.upstream_failure(kind.label(), label);
         failure
     }
 
