@@ -963,15 +963,40 @@ impl Proxy {
         let budget_deadline = inspection
             .deadline
             .min(Instant::now() + self.upstream.request_timeout());
-        let send = self
-            .upstream
-            .send(request, CallKind::Passthrough, budget_deadline);
-        let response = self
+        // A bodiless GET or HEAD may be repeated once on a fresh connection if a pooled keep-alive
+        // connection was closed by Rutter just as it was reused (RFC 9110 §9.2.2: idempotent).
+        let repeatable = matches!(app.method, Method::GET | Method::HEAD)
+            && !app.headers.contains_key(header::CONTENT_LENGTH)
+            && !app.headers.contains_key(header::TRANSFER_ENCODING);
+        let retry = repeatable.then(|| {
+            let (parts, _) = Request::new(()).into_parts();
+            let mut copy = Request::from_parts(parts, body::empty());
+            *copy.method_mut() = request.method().clone();
+            *copy.uri_mut() = request.uri().clone();
+            *copy.headers_mut() = request.headers().clone();
+            copy
+        });
+        let mut result = self
             .lifecycle
-            .until_cutoff(send)
+            .until_cutoff(
+                self.upstream
+                    .send(request, CallKind::Passthrough, budget_deadline),
+            )
             .await
-            .ok_or(ProxyError::ShuttingDown)?
-            .map_err(|f| f.error)?;
+            .ok_or(ProxyError::ShuttingDown)?;
+        let broken = matches!(&result, Err(failure) if matches!(failure.error, ProxyError::UpstreamUnavailable(_)));
+        if let (true, Some(again)) = (broken, retry) {
+            tracing::debug!("repeating an idempotent read on a fresh connection");
+            let send = self
+                .upstream
+                .send(again, CallKind::Passthrough, budget_deadline);
+            result = self
+                .lifecycle
+                .until_cutoff(send)
+                .await
+                .ok_or(ProxyError::ShuttingDown)?;
+        }
+        let response = result.map_err(|f| f.error)?;
         if response.status().is_informational() {
             return Err(ProxyError::UpstreamUnavailable(format!(
                 "Rutter answered {} instead of a final response",

@@ -206,12 +206,13 @@ impl Upstream {
         match tokio::time::timeout(self.request_timeout, exchange).await {
             Ok(Ok(response)) => {
                 self.observe(kind, response.status(), response.headers());
+                let idle = self.request_timeout;
                 Ok(response.map(move |incoming| {
                     let body = incoming.map_frame(move |frame| {
                         let _held = &slot;
                         frame
                     });
-                    crate::body::boxed(body)
+                    IdleTimeout::wrap(crate::body::boxed(body), idle)
                 }))
             }
             Ok(Err(error)) => Err(self.failed(kind, classify(&error))),
@@ -279,6 +280,63 @@ impl Upstream {
                 },
             )),
         }
+    }
+}
+
+/// A streamed body that fails if no frame arrives for `limit` (a stalled upstream never holds the app
+/// forever; `upstream.request_timeout` bounds each silence).
+pub struct IdleTimeout {
+    inner: Body,
+    limit: Duration,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleTimeout {
+    /// Wraps `inner`.
+    pub fn wrap(inner: Body, limit: Duration) -> Body {
+        let timer = Box::pin(tokio::time::sleep(limit));
+        http_body_util::BodyExt::boxed_unsync(IdleTimeout {
+            inner,
+            limit,
+            timer,
+        })
+    }
+}
+
+impl http_body::Body for IdleTimeout {
+    type Data = Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = Instant::now() + this.limit;
+                this.timer.as_mut().reset(next);
+                Poll::Ready(frame)
+            }
+            Poll::Pending => match this.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                    "Rutter sent nothing for {}; the answer was cut",
+                    humantime::format_duration(this.limit)
+                )
+                .into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
