@@ -470,6 +470,18 @@ impl Proxy {
                 parts.method
             )));
         }
+        // Only origin-form (`/path?query`) and absolute-form targets name a resource; an
+        // authority-form target (`host:port`) or a bare word outside CONNECT is refused.
+        if parts
+            .uri
+            .path_and_query()
+            .is_none_or(|pq| !pq.as_str().starts_with('/'))
+            || (parts.uri.authority().is_some() && parts.uri.scheme().is_none())
+        {
+            return Err(ProxyError::BadRequest(
+                "the request target must be a path".into(),
+            ));
+        }
         if self.lifecycle.is_grace_over() {
             return Err(ProxyError::ShuttingDown);
         }

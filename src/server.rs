@@ -13,6 +13,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,12 +79,15 @@ impl Sidecar {
             PollSchedule::from_config(&config.facade),
             config.jobs.clone(),
         );
-        let webhooks = Arc::new(WebhookReceiver::new(
-            &config.webhooks,
-            credentials,
-            Arc::clone(&jobs),
-            Arc::clone(&metrics),
-        ));
+        let webhooks = Arc::new(
+            WebhookReceiver::new(
+                &config.webhooks,
+                credentials,
+                Arc::clone(&jobs),
+                Arc::clone(&metrics),
+            )
+            .with_body_timeout(config.listen.idle_timeout),
+        );
         let admin = Arc::new(Admin {
             metrics: Arc::clone(&metrics),
             lifecycle: Arc::clone(&lifecycle),
@@ -255,15 +259,32 @@ async fn serve<H, F>(
                 };
                 let _ = stream.set_nodelay(true);
                 let handler = handler.clone();
+                // Set by the first request: a connection that sends no complete request head within
+                // `listen.idle_timeout` (silent, or a stalled HTTP/2 preface) is closed.
+                let spoke = Arc::new(AtomicBool::new(false));
+                let heard = Arc::clone(&spoke);
                 let service = service_fn(move |request| {
+                    heard.store(true, Ordering::Relaxed);
                     let response = handler(request, peer);
                     async move { Ok::<_, Infallible>(response.await) }
                 });
                 let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let connection = graceful.watch(connection);
+                let first_request_by = limits.idle_timeout;
                 tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(%peer, error = %error, "connection ended with an error");
+                    let silent = async {
+                        tokio::time::sleep(first_request_by).await;
+                        if spoke.load(Ordering::Relaxed) {
+                            std::future::pending::<()>().await;
+                        }
+                    };
+                    tokio::select! {
+                        result = connection => {
+                            if let Err(error) = result {
+                                tracing::debug!(%peer, error = %error, "connection ended with an error");
+                            }
+                        }
+                        _ = silent => tracing::debug!(%peer, "closed a connection that sent no request"),
                     }
                     drop(slot);
                 });

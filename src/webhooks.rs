@@ -34,6 +34,8 @@ use crate::jobs::{JobObject, JobRegistry};
 use crate::telemetry::Metrics;
 use crate::upstream;
 
+/// How long a webhook body may take to arrive unless configured otherwise.
+const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest webhook body accepted (413 beyond).
 pub const MAX_WEBHOOK_BODY: usize = 1024 * 1024;
 /// The signature header Rutter sends.
@@ -129,6 +131,7 @@ pub struct WebhookReceiver {
     forward_rx: Mutex<Option<mpsc::Receiver<Forward>>>,
     stats: Arc<WebhookStats>,
     metrics: Arc<Metrics>,
+    body_timeout: Duration,
 }
 
 impl WebhookReceiver {
@@ -161,7 +164,14 @@ impl WebhookReceiver {
             forward_rx: Mutex::new(forward_rx),
             stats: Arc::new(WebhookStats::default()),
             metrics,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
         }
+    }
+
+    /// Limits how long a webhook body may take to arrive (`listen.idle_timeout`; default 60 s).
+    pub fn with_body_timeout(mut self, limit: Duration) -> Self {
+        self.body_timeout = limit;
+        self
     }
 
     /// Counters.
@@ -246,9 +256,10 @@ impl WebhookReceiver {
         if declared.is_some_and(|len| len > MAX_WEBHOOK_BODY as u64) {
             return Err(too_large);
         }
-        let body = Limited::new(incoming, MAX_WEBHOOK_BODY)
-            .collect()
+        let read = Limited::new(incoming, MAX_WEBHOOK_BODY).collect();
+        let body = tokio::time::timeout(self.body_timeout, read)
             .await
+            .map_err(|_| ProxyError::BadRequest("the webhook body did not arrive in time".into()))?
             .map_err(|e| {
                 if e.is::<http_body_util::LengthLimitError>() {
                     ProxyError::BodyTooLarge {
