@@ -962,6 +962,16 @@ impl Proxy {
         } else {
             body::boxed(incoming)
         };
+        // If the app's own body fails while streaming (bad chunked framing, a reset), the exchange
+        // fails too: that is the app's fault (400), not Rutter's (502).
+        let app_body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&app_body_failed);
+        let body = body
+            .map_err(move |error| {
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                error
+            })
+            .boxed_unsync();
         let mut request = self.upstream_request(&app, &target, body)?;
         let may_await =
             inspection.class == Class::Passthrough && (is_write || inspection.route.is_some());
@@ -1008,7 +1018,13 @@ impl Proxy {
                 .await
                 .ok_or(ProxyError::ShuttingDown)?;
         }
-        let response = result.map_err(|f| f.error)?;
+        let response = result.map_err(|failure| {
+            if app_body_failed.load(std::sync::atomic::Ordering::Relaxed) {
+                ProxyError::BadRequest("the request body could not be read".into())
+            } else {
+                failure.error
+            }
+        })?;
         if response.status().is_informational() {
             return Err(ProxyError::UpstreamUnavailable(format!(
                 "Rutter answered {} instead of a final response",

@@ -343,20 +343,6 @@ impl http_body::Body for IdleTimeout {
 /// Turns a client error into the app-facing error, and tells whether anything was sent.
 fn classify(error: &hyper_util::client::legacy::Error) -> UpstreamFailure {
     let detail = describe(error);
-    // The app's own request body failed (bad chunked framing, a reset): the app's fault, not Rutter's.
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(inner) = source {
-        if inner
-            .downcast_ref::<hyper::Error>()
-            .is_some_and(|e| e.is_user())
-        {
-            return UpstreamFailure {
-                error: ProxyError::BadRequest("the request body could not be read".into()),
-                nothing_sent: false,
-            };
-        }
-        source = inner.source();
-    }
     if error.is_connect() {
         UpstreamFailure {
             error: ProxyError::UpstreamUnavailable(format!("connect failed: {detail}")),

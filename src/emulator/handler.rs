@@ -2,7 +2,9 @@
 //! then route it to [`super::jobs`] (async-capable writes, report GETs, job polls) or
 //! [`super::direct`] (lists, entity reads, synchronous writes).
 
+use std::collections::hash_map::DefaultHasher;
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +16,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use super::faults::{self, AnswerFaults, CloseSignal};
 use super::state::{inc, SeenRequest, Shared};
 use super::wire::{
     self, bad_request, not_found, query_last, status_response, Knobs, ResetMode,
@@ -82,14 +85,20 @@ fn is_write(method: &Method) -> bool {
     )
 }
 
-/// Serves one request.
+/// Serves one request. `close` is the connection's: an answer with the close fault pulls it.
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
+    close: Arc<CloseSignal>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ResetConnection> {
     let arrived = Instant::now();
     inc(&shared.counters.requests);
+    if close.take_next_request() {
+        // `X-Emulator-Close: next` on the previous answer: this request is dropped unread.
+        inc(&shared.counters.resets);
+        return Err(ResetConnection);
+    }
     let (parts, incoming) = request.into_parts();
     let path_and_query = parts
         .uri
@@ -125,13 +134,20 @@ pub(crate) async fn handle(
     seen.body = body.clone();
     shared.record_seen(seen);
 
-    let knobs = match Knobs::from_headers(&parts.headers) {
+    let mut knobs = match Knobs::from_headers(&parts.headers) {
         Ok(knobs) => knobs,
         Err(message) => {
             let response = bad_request("INVALID_EMULATOR_HEADER", &message);
             return Ok(finish(&shared, response, Duration::ZERO).await);
         }
     };
+    if let Some(times) = knobs.fault_times {
+        let scope = fault_scope(&parts.method, &path_and_query, &parts.headers);
+        if shared.fault_hit(scope) > times {
+            knobs.clear_answer_faults();
+        }
+    }
+    let header_faults = knobs.answer_faults();
     let delay = Duration::from_millis(shared.options.slow_ms.saturating_add(knobs.delay_ms));
     if knobs.reset == Some(ResetMode::Before) || shared.roll(shared.options.reset_rate) {
         tokio::time::sleep(delay).await;
@@ -173,13 +189,46 @@ pub(crate) async fn handle(
         knobs,
         arrived,
     };
-    let response = route(&shared, &ctx).await;
-    if reset_after {
+    let mut response = route(&shared, &ctx).await;
+    let scripted = response.extensions_mut().remove::<AnswerFaults>();
+    let faults = header_faults.merge(scripted.unwrap_or_default());
+    let delay = delay + Duration::from_millis(faults.delay_ms);
+    if reset_after || faults.reset {
         tokio::time::sleep(delay).await;
         inc(&shared.counters.resets);
         return Err(ResetConnection);
     }
-    Ok(finish(&shared, response, delay).await)
+    let response = finish(&shared, response, delay).await;
+    let Some((response, truncated)) = faults::apply(response, faults, &close).await else {
+        inc(&shared.counters.resets);
+        return Err(ResetConnection);
+    };
+    if truncated {
+        inc(&shared.counters.truncated);
+    }
+    if faults.drip.is_some() {
+        inc(&shared.counters.dripped);
+    }
+    if faults.close {
+        inc(&shared.counters.closed_after_answer);
+    }
+    if faults.close_next {
+        close.close_on_next_request();
+    }
+    Ok(response)
+}
+
+/// The `X-Emulator-Fault-Times` scope of a request: its method, path and query, and
+/// `Idempotency-Key` (a retry of the same write shares it).
+fn fault_scope(method: &Method, path_and_query: &str, headers: &HeaderMap) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    method.as_str().hash(&mut hasher);
+    path_and_query.hash(&mut hasher);
+    headers
+        .get("idempotency-key")
+        .map(HeaderValue::as_bytes)
+        .hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Adds the headers every answer has, counts it, and waits `delay`.

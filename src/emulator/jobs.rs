@@ -14,12 +14,13 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use super::entities::{self, entity_fields, Effect};
+use super::faults::AnswerFaults;
 use super::handler::Ctx;
 use super::state::{inc, lock, IdempotencyEntry, Job, Plan, Shared};
 use super::webhooks;
 use super::wire::{
     self, bad_request, json_response, not_found, query_last, query_pairs, status_error_value,
-    status_response, Terminal, X_RUTTER_JOB_ID,
+    status_response, PollFault, Terminal, X_RUTTER_JOB_ID,
 };
 use crate::body::Body;
 
@@ -27,18 +28,41 @@ use crate::body::Body;
 pub(crate) fn poll(shared: &Shared, id: &str) -> Response<Body> {
     inc(&shared.counters.polls);
     let answer = shared.with_job(id, |job, now| {
-        if let Some(status) = job.poll_faults.pop_front() {
-            return status_response(status, job.poll_retry_after);
-        }
-        if job.bad == Some(wire::BadJob::NotJson) {
+        let not_json = |job: &Job| {
             let broken = format!(
                 "{{\"id\": \"{}\", \"status\": \"{}",
                 job.id,
                 job.status(now)
             );
-            return wire::raw_json_response(StatusCode::OK, Bytes::from(broken));
+            wire::raw_json_response(StatusCode::OK, Bytes::from(broken))
+        };
+        let mut faults = AnswerFaults::default();
+        let mut truncate = false;
+        match job.poll_faults.pop_front() {
+            Some(PollFault::Status(status)) => {
+                return status_response(status, job.poll_retry_after)
+            }
+            Some(PollFault::BadJson) => return not_json(job),
+            Some(PollFault::Reset) => faults.reset = true,
+            Some(PollFault::Close) => faults.close = true,
+            Some(PollFault::Delay(ms)) => faults.delay_ms = ms,
+            Some(PollFault::Truncate) => truncate = true,
+            None => {}
         }
-        json_response(StatusCode::OK, &job.value(now))
+        let mut response = if job.bad == Some(wire::BadJob::NotJson) {
+            not_json(job)
+        } else {
+            let bytes = serde_json::to_vec(&job.value(now)).unwrap_or_default();
+            if truncate {
+                // Half of the job object, then the connection closes.
+                faults.truncate = Some(bytes.len() / 2);
+            }
+            wire::raw_json_response(StatusCode::OK, Bytes::from(bytes))
+        };
+        if !faults.is_none() {
+            response.extensions_mut().insert(faults);
+        }
+        response
     });
     answer.unwrap_or_else(|| not_found("no job with this id"))
 }

@@ -52,8 +52,12 @@
 //!   answers the entity or 404. Other POST/PATCH/PUT/DELETE (e.g. `POST /orders`) are synchronous:
 //!   applied at once, no job. `POST /item/public_token/exchange` and `POST /connections/create`
 //!   mint a connection and an access token.
-//! - **Order of checks**: `X-Emulator-Status`, rate budget, `--error-rate`, `--platform-limit-rate`,
-//!   Basic auth, job poll, access_token, routing. Request bodies over 16 MiB get 413.
+//! - **Order of checks**: a connection marked by `X-Emulator-Close: next` drops the request unread;
+//!   then the body is read (over 16 MiB: 413), the `X-Emulator-*` headers are parsed and
+//!   `X-Emulator-Fault-Times` is counted, `X-Emulator-Reset: 1`; then `X-Emulator-Status`, rate
+//!   budget, `--error-rate`, `--platform-limit-rate`, Basic auth, job poll, access_token, routing;
+//!   finally the answer faults (`Reset: after`, the `reset` poll fault, delays, `Truncate`,
+//!   `Drip-*`, `Close`) shape how the answer leaves.
 //!
 //! # Per-request headers (`X-Emulator-*`, names case-insensitive; a malformed value is a 400
 //! `INVALID_EMULATOR_HEADER`)
@@ -69,8 +73,14 @@
 //! | `X-Emulator-Delay-Ms: N` | wait N ms before answering (added to `--slow-ms`) |
 //! | `X-Emulator-Reset: 1` (or `before`) | close the connection without any answer (HTTP/2: reset the stream), before doing anything |
 //! | `X-Emulator-Reset: after` | process the request fully (a job may be created), then close without answering |
-//! | `X-Emulator-Poll-Faults: 429,503,404` | the job's first polls get these statuses in order (Rutter error bodies), then normal answers |
-//! | `X-Emulator-Poll-Retry-After: N` | `Retry-After: N` on those poll faults |
+//! | `X-Emulator-Poll-Faults: ITEM[,ITEM...]` | the job's first polls are answered by these items in order (at most 64), then normally: a status `200..=599` (e.g. `429,503,404`) answers with it and a Rutter error body; `reset` closes the connection without answering; `truncate` sends the job object with its full `Content-Length` but closes the connection after half of it; `badjson` answers 200 with a body that is not JSON; `close` answers normally, then closes the connection; `delay=N` answers normally N ms late |
+//! | `X-Emulator-Poll-Retry-After: N` | `Retry-After: N` on the status poll faults |
+//! | `X-Emulator-Truncate: N` | the answer announces its full `Content-Length`, but the connection is closed after N body bytes (0: after the head; HTTP/2: the stream is reset); no effect if the body is not longer than N. The request is processed fully (a job may exist) |
+//! | `X-Emulator-Drip-Ms: N` | the answer's body (full `Content-Length` announced) is sent in chunks of `X-Emulator-Drip-Bytes` (default 16) bytes, N ms apart (0..=86400000), the first at once; combines with `X-Emulator-Truncate` |
+//! | `X-Emulator-Drip-Bytes: N` | with `X-Emulator-Drip-Ms`: bytes per chunk (1..=1048576) |
+//! | `X-Emulator-Close: 1` | the answer is sent with keep-alive semantics (no `Connection: close`), then the connection is closed at once, so a client that pools it finds it closed when it reuses it (HTTP/2: GOAWAY) |
+//! | `X-Emulator-Close: next` | the answer is sent normally and the connection stays open, but the next request on it is dropped with the connection, unread and unanswered (counted in `requests` and `resets` only; HTTP/2: that stream is reset): a server closing an idle keep-alive connection just as the client reuses it |
+//! | `X-Emulator-Fault-Times: N` | the answer faults of this request (`Status`, `Retry-After`, `Delay-Ms`, `Reset`, `Truncate`, `Drip-*`, `Close`) apply only to the first N (1..=1000000) requests with the same method, path and query, and `Idempotency-Key` (a write and its retries); later ones are answered normally. Job knobs are not affected |
 //! | `X-Emulator-Response-Url: URL` | the `async_response` carries this `response_url` |
 //! | `X-Emulator-Sync: 1` | ignore `response_mode`: the job ends at once and its result is answered synchronously (with `X-Rutter-Job-ID`) |
 //! | `X-Emulator-Bad-Job: no-response` | the terminal job has no `response` (polls and hook) |
@@ -80,7 +90,9 @@
 //! | `X-Emulator-Webhook: ITEM[,ITEM...]` | this job's webhook (needs `--webhook-url`; items combine, e.g. `duplicate,delay=200`): `drop` never sent; `bad-signature` sent with a wrong signature; `duplicate` one extra copy, `duplicate=N` N extra copies (0..=100, instead of `--webhook-duplicates`); `delay=N` sent N ms after the job ends (instead of `--webhook-delay-ms`); `early` the job ends at once and its webhook is delivered before this request is answered |
 //!
 //! Job knobs are fixed when the job is created; an idempotent replay is answered as the first
-//! request's job dictates.
+//! request's job dictates. Answer faults (`Status`, `Delay-Ms`, `Reset`, `Truncate`, `Drip-*`,
+//! `Close`) act on the answer of the request that carries them, replays included. The counters
+//! `resets`, `truncated`, `dripped` and `closed_after_answer` count them.
 //!
 //! # Completion hook
 //!
@@ -119,6 +131,7 @@
 
 mod direct;
 mod entities;
+mod faults;
 mod handler;
 mod jobs;
 mod options;
@@ -135,14 +148,14 @@ use http::StatusCode;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc, watch};
 
 pub use options::{EmulatorError, EmulatorOptions};
 pub use state::{Counters, JobCompleted, SeenRequest};
 pub use webhooks::sign;
 
+use faults::CloseSignal;
 use handler::ConnInfo;
 use state::{lock, Shared};
 
@@ -198,7 +211,10 @@ impl Emulator {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let graceful = GracefulShutdown::new();
+        // Graceful shutdown by hand (not hyper-util's `GracefulShutdown`), because a connection
+        // must also be closable by one of its own answers (`X-Emulator-Close`).
+        let (stop, stopping) = watch::channel(false);
+        let (alive, mut all_closed) = mpsc::channel::<()>(1);
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -229,8 +245,11 @@ impl Emulator {
                         let shared = Arc::clone(&self.shared);
                         let builder = builder.clone();
                         let info = Arc::clone(&info);
-                        let watcher = graceful.watcher();
-                        tokio::spawn(connection(shared, builder, info, stream, watcher));
+                        let lifetime = Lifetime {
+                            stopping: stopping.clone(),
+                            _alive: alive.clone(),
+                        };
+                        tokio::spawn(connection(shared, builder, info, stream, lifetime));
                     }
                     Err(error) => {
                         tracing::warn!(%error, "emulator: accept failed");
@@ -240,7 +259,10 @@ impl Emulator {
             }
         }
         drop(listener);
-        graceful.shutdown().await;
+        let _ = stop.send(true);
+        drop(alive);
+        // Every connection holds a sender: `None` once the last one has ended.
+        let _ = all_closed.recv().await;
         Ok(())
     }
 
@@ -280,42 +302,73 @@ impl Emulator {
     }
 }
 
-/// Serves one accepted connection (after the TLS handshake, if any).
+/// What ties a connection to its server: the shutdown flag it watches, and a sender whose drop
+/// tells [`Emulator::serve`] that the connection has ended.
+struct Lifetime {
+    stopping: watch::Receiver<bool>,
+    _alive: mpsc::Sender<()>,
+}
+
+/// A connection's byte stream, TLS or not.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// Serves one accepted connection (after the TLS handshake, if any), until the client leaves, an
+/// answer asks for the connection to close (`X-Emulator-Close`), or the server shuts down (both
+/// graceful: the answer in progress is finished first).
 async fn connection(
     shared: Arc<Shared>,
     builder: auto::Builder<TokioExecutor>,
     info: Arc<ConnInfo>,
     stream: TcpStream,
-    watcher: Watcher,
+    mut lifetime: Lifetime,
 ) {
+    let close = Arc::new(CloseSignal::default());
     let service = {
         let shared = Arc::clone(&shared);
         let info = Arc::clone(&info);
-        service_fn(move |request| handler::handle(Arc::clone(&shared), Arc::clone(&info), request))
+        let close = Arc::clone(&close);
+        service_fn(move |request| {
+            handler::handle(
+                Arc::clone(&shared),
+                Arc::clone(&info),
+                Arc::clone(&close),
+                request,
+            )
+        })
     };
-    let result = match &shared.tls {
+    let io: Box<dyn Io> = match &shared.tls {
         Some(config) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(config));
-            let tls =
-                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(error)) => {
-                        tracing::debug!(%error, "emulator: TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!("emulator: TLS handshake timed out");
-                        return;
-                    }
-                };
-            watcher
-                .watch(builder.serve_connection(TokioIo::new(tls), service))
-                .await
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => Box::new(tls),
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, "emulator: TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("emulator: TLS handshake timed out");
+                    return;
+                }
+            }
         }
-        None => {
-            watcher
-                .watch(builder.serve_connection(TokioIo::new(stream), service))
-                .await
+        None => Box::new(stream),
+    };
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let (mut stopping, mut closing) = (false, false);
+    let result = loop {
+        tokio::select! {
+            result = conn.as_mut() => break result,
+            _ = lifetime.stopping.wait_for(|stop| *stop), if !stopping => {
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            () = close.requested(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
         }
     };
     if let Err(error) = result {

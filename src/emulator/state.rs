@@ -21,13 +21,15 @@ use tokio::time::Instant;
 use super::entities::{Effect, EntityStore};
 use super::options::EmulatorOptions;
 use super::webhooks::{self, WebhookPlan, WebhookSender};
-use super::wire::{BadJob, Terminal};
+use super::wire::{BadJob, PollFault, Terminal};
 use crate::routes::RouteTable;
 
 /// Most jobs kept; the oldest are forgotten beyond it (their polls then answer 404).
 const MAX_JOBS: usize = 100_000;
 /// Most idempotency keys kept; the oldest are forgotten beyond it.
 const MAX_IDEMPOTENCY_KEYS: usize = 100_000;
+/// Most `X-Emulator-Fault-Times` scopes remembered; the oldest are forgotten beyond it.
+const MAX_FAULT_SCOPES: usize = 100_000;
 /// Most requests kept by [`super::Emulator::seen`].
 const MAX_SEEN: usize = 50_000;
 /// Most body bytes kept by [`super::Emulator::seen`] over all requests.
@@ -86,6 +88,13 @@ counters! {
     unauthorized,
     /// Connections closed (or HTTP/2 streams reset) instead of answering.
     resets,
+    /// Answers cut short on purpose (`X-Emulator-Truncate`, the `truncate` poll fault).
+    truncated,
+    /// Answers sent in chunks some time apart (`X-Emulator-Drip-Ms`).
+    dripped,
+    /// Connections closed on purpose right after an answer (`X-Emulator-Close`, the `close` poll
+    /// fault).
+    closed_after_answer,
     /// Jobs created (writes and report GETs).
     jobs_created,
     /// Jobs that reached a terminal status.
@@ -178,8 +187,8 @@ pub(crate) struct Job {
     pub never_finish: bool,
     /// `X-Emulator-Bad-Job`.
     pub bad: Option<BadJob>,
-    /// Statuses still to answer polls with.
-    pub poll_faults: VecDeque<StatusCode>,
+    /// Scripted answers still to give to polls.
+    pub poll_faults: VecDeque<PollFault>,
     /// `Retry-After` on poll faults.
     pub poll_retry_after: Option<u64>,
     /// The announced `response_url`.
@@ -279,6 +288,13 @@ impl IdempotencyTable {
     }
 }
 
+/// How many requests each `X-Emulator-Fault-Times` scope has seen, bounded.
+#[derive(Debug, Default)]
+struct FaultScopes {
+    counts: HashMap<u64, u32>,
+    order: VecDeque<u64>,
+}
+
 #[derive(Debug, Default)]
 struct SeenRing {
     items: VecDeque<SeenRequest>,
@@ -319,6 +335,7 @@ pub(crate) struct Shared {
     seen: Mutex<SeenRing>,
     rate: Mutex<RateWindow>,
     platform_ids: AtomicU64,
+    fault_scopes: Mutex<FaultScopes>,
 }
 
 impl Shared {
@@ -352,7 +369,28 @@ impl Shared {
             seen: Mutex::new(SeenRing::default()),
             rate: Mutex::new(RateWindow::default()),
             platform_ids: AtomicU64::new(1000),
+            fault_scopes: Mutex::new(FaultScopes::default()),
         })
+    }
+
+    /// Counts one more request in an `X-Emulator-Fault-Times` scope (a hash of method, path and
+    /// query, and `Idempotency-Key`) and returns how many it has seen, this one included.
+    pub(crate) fn fault_hit(&self, scope: u64) -> u32 {
+        let mut scopes = lock(&self.fault_scopes);
+        if !scopes.counts.contains_key(&scope) {
+            while scopes.counts.len() >= MAX_FAULT_SCOPES {
+                match scopes.order.pop_front() {
+                    Some(old) => {
+                        scopes.counts.remove(&old);
+                    }
+                    None => break,
+                }
+            }
+            scopes.order.push_back(scope);
+        }
+        let count = scopes.counts.entry(scope).or_insert(0);
+        *count = count.saturating_add(1);
+        *count
     }
 
     /// True with probability `share`.

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use serde_json::{json, Value};
 
+use super::faults::{AnswerFaults, Drip};
 use super::options::{MAX_MS, MAX_WEBHOOK_DUPLICATES};
 use crate::body::{self, Body};
 
@@ -272,6 +273,57 @@ pub(crate) enum BadJob {
     NotJson,
 }
 
+/// One scripted answer to a poll of a job (an item of `X-Emulator-Poll-Faults`), used up in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PollFault {
+    /// `STATUS` (200..=599): answer with this status and a Rutter error body.
+    Status(StatusCode),
+    /// `reset`: close the connection without answering.
+    Reset,
+    /// `truncate`: answer the job object with its full `Content-Length`, but close the connection
+    /// after half of its body.
+    Truncate,
+    /// `badjson`: answer 200 with a body that is not JSON (a truncated job object).
+    BadJson,
+    /// `close`: answer the job object normally, then close the (keep-alive) connection.
+    Close,
+    /// `delay=N`: answer the job object normally, N ms late.
+    Delay(u64),
+}
+
+impl PollFault {
+    /// Parses one item of `X-Emulator-Poll-Faults`.
+    fn parse(item: &str) -> Result<PollFault, String> {
+        const USAGE: &str = "X-Emulator-Poll-Faults takes statuses (200..=599), reset, truncate, \
+                             badjson, close and delay=N";
+        let lower = item.to_ascii_lowercase();
+        Ok(match lower.as_str() {
+            "reset" => PollFault::Reset,
+            "truncate" => PollFault::Truncate,
+            "badjson" | "bad-json" => PollFault::BadJson,
+            "close" => PollFault::Close,
+            other => match other.split_once('=') {
+                Some(("delay", ms)) => {
+                    PollFault::Delay(parse_ms("X-Emulator-Poll-Faults: delay", ms.trim())?)
+                }
+                _ if other.bytes().all(|b| b.is_ascii_digit()) => {
+                    PollFault::Status(parse_status("X-Emulator-Poll-Faults", other)?)
+                }
+                _ => return Err(format!("{USAGE} (got {item:?})")),
+            },
+        })
+    }
+}
+
+/// When `X-Emulator-Close` closes the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseMode {
+    /// Right after the answer (`1`, `true`, ...).
+    AfterAnswer,
+    /// When the next request arrives on the connection, without reading or answering it (`next`).
+    NextRequest,
+}
+
 /// When `X-Emulator-Reset` drops the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ResetMode {
@@ -301,8 +353,8 @@ pub(crate) struct Knobs {
     pub delay_ms: u64,
     /// `X-Emulator-Reset`: drop the connection instead of answering.
     pub reset: Option<ResetMode>,
-    /// `X-Emulator-Poll-Faults`: statuses for the job's first polls.
-    pub poll_faults: Vec<StatusCode>,
+    /// `X-Emulator-Poll-Faults`: scripted answers for the job's first polls.
+    pub poll_faults: Vec<PollFault>,
     /// `X-Emulator-Poll-Retry-After`: `Retry-After` seconds on poll faults.
     pub poll_retry_after: Option<u64>,
     /// `X-Emulator-Response-Url`: the `response_url` to announce.
@@ -317,6 +369,17 @@ pub(crate) struct Knobs {
     pub body_bytes: Option<usize>,
     /// `X-Emulator-Webhook`: this job's webhook overrides.
     pub webhook: WebhookKnobs,
+    /// `X-Emulator-Truncate`: close the connection after this many body bytes.
+    pub truncate: Option<usize>,
+    /// `X-Emulator-Drip-Ms`: milliseconds between the body's chunks.
+    pub drip_ms: Option<u64>,
+    /// `X-Emulator-Drip-Bytes`: bytes per dripped chunk (with `drip_ms`).
+    pub drip_bytes: Option<usize>,
+    /// `X-Emulator-Close`: close the connection right after the answer (`1`), or when the next
+    /// request arrives on it (`next`).
+    pub close: Option<CloseMode>,
+    /// `X-Emulator-Fault-Times`: the answer faults apply to the first N matching requests only.
+    pub fault_times: Option<u32>,
 }
 
 /// `X-Emulator-Webhook: drop | early | duplicate[=N] | bad-signature | delay=N` (a comma-separated
@@ -374,8 +437,42 @@ impl WebhookKnobs {
 
 /// At most this many poll faults are scripted per job.
 const MAX_POLL_FAULTS: usize = 64;
+/// Bytes per dripped chunk when `X-Emulator-Drip-Bytes` is not given.
+pub(crate) const DEFAULT_DRIP_BYTES: usize = 16;
+/// Largest `X-Emulator-Drip-Bytes`.
+const MAX_DRIP_BYTES: usize = 1024 * 1024;
+/// Largest `X-Emulator-Fault-Times`.
+const MAX_FAULT_TIMES: u32 = 1_000_000;
 
 impl Knobs {
+    /// The faults this request's answer gets from its headers (see [`AnswerFaults`]).
+    pub(crate) fn answer_faults(&self) -> AnswerFaults {
+        AnswerFaults {
+            reset: false,
+            truncate: self.truncate,
+            drip: self.drip_ms.map(|ms| Drip {
+                every_ms: ms,
+                bytes: self.drip_bytes.unwrap_or(DEFAULT_DRIP_BYTES),
+            }),
+            close: self.close == Some(CloseMode::AfterAnswer),
+            close_next: self.close == Some(CloseMode::NextRequest),
+            delay_ms: 0,
+        }
+    }
+
+    /// Forgets the answer faults (`Status`, `Retry-After`, `Delay-Ms`, `Reset`, `Truncate`,
+    /// `Drip-*`, `Close`), keeping the job knobs: what `X-Emulator-Fault-Times` does once used up.
+    pub(crate) fn clear_answer_faults(&mut self) {
+        self.status = None;
+        self.retry_after = None;
+        self.delay_ms = 0;
+        self.reset = None;
+        self.truncate = None;
+        self.drip_ms = None;
+        self.drip_bytes = None;
+        self.close = None;
+    }
+
     /// Reads every `X-Emulator-*` header; a malformed one is an error naming it.
     pub(crate) fn from_headers(headers: &HeaderMap) -> Result<Knobs, String> {
         let mut knobs = Knobs::default();
@@ -432,9 +529,7 @@ impl Knobs {
                         "X-Emulator-Poll-Faults takes at most {MAX_POLL_FAULTS} statuses"
                     ));
                 }
-                knobs
-                    .poll_faults
-                    .push(parse_status("X-Emulator-Poll-Faults", item)?);
+                knobs.poll_faults.push(PollFault::parse(item)?);
             }
         }
         if let Some(v) = get("x-emulator-poll-retry-after")? {
@@ -471,6 +566,45 @@ impl Knobs {
         }
         if let Some(v) = get("x-emulator-webhook")? {
             knobs.webhook = WebhookKnobs::parse(&v)?;
+        }
+        if let Some(v) = get("x-emulator-truncate")? {
+            knobs.truncate = Some(
+                v.parse::<usize>()
+                    .map_err(|_| "X-Emulator-Truncate must be a byte count".to_string())?,
+            );
+        }
+        if let Some(v) = get("x-emulator-drip-ms")? {
+            knobs.drip_ms = Some(parse_ms("X-Emulator-Drip-Ms", &v)?);
+        }
+        if let Some(v) = get("x-emulator-drip-bytes")? {
+            match v.parse::<usize>() {
+                Ok(n) if (1..=MAX_DRIP_BYTES).contains(&n) => knobs.drip_bytes = Some(n),
+                _ => {
+                    return Err(format!(
+                        "X-Emulator-Drip-Bytes must be a byte count between 1 and {MAX_DRIP_BYTES}"
+                    ))
+                }
+            }
+            if knobs.drip_ms.is_none() {
+                return Err("X-Emulator-Drip-Bytes needs X-Emulator-Drip-Ms".into());
+            }
+        }
+        if let Some(v) = get("x-emulator-close")? {
+            knobs.close = if v.eq_ignore_ascii_case("next") {
+                Some(CloseMode::NextRequest)
+            } else {
+                parse_flag("X-Emulator-Close", &v)?.then_some(CloseMode::AfterAnswer)
+            };
+        }
+        if let Some(v) = get("x-emulator-fault-times")? {
+            match v.parse::<u32>() {
+                Ok(n) if (1..=MAX_FAULT_TIMES).contains(&n) => knobs.fault_times = Some(n),
+                _ => {
+                    return Err(format!(
+                        "X-Emulator-Fault-Times must be a count between 1 and {MAX_FAULT_TIMES}"
+                    ))
+                }
+            }
         }
         Ok(knobs)
     }
@@ -586,6 +720,71 @@ mod tests {
         assert_eq!(knobs.reset, Some(ResetMode::After));
         headers.insert("x-emulator-status", HeaderValue::from_static("abc"));
         assert!(Knobs::from_headers(&headers).is_err());
+    }
+
+    #[test]
+    fn answer_fault_knobs_parse_and_reject() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-emulator-poll-faults",
+            HeaderValue::from_static("429, reset,TRUNCATE , badjson,close,delay=30,503"),
+        );
+        headers.insert("x-emulator-truncate", HeaderValue::from_static("0"));
+        headers.insert("x-emulator-drip-ms", HeaderValue::from_static("25"));
+        headers.insert("x-emulator-drip-bytes", HeaderValue::from_static("4"));
+        headers.insert("x-emulator-close", HeaderValue::from_static("1"));
+        headers.insert("x-emulator-fault-times", HeaderValue::from_static("2"));
+        let mut knobs = Knobs::from_headers(&headers).unwrap();
+        assert_eq!(
+            knobs.poll_faults,
+            [
+                PollFault::Status(StatusCode::TOO_MANY_REQUESTS),
+                PollFault::Reset,
+                PollFault::Truncate,
+                PollFault::BadJson,
+                PollFault::Close,
+                PollFault::Delay(30),
+                PollFault::Status(StatusCode::SERVICE_UNAVAILABLE),
+            ]
+        );
+        let faults = knobs.answer_faults();
+        assert_eq!(faults.truncate, Some(0));
+        assert_eq!(
+            faults.drip,
+            Some(Drip {
+                every_ms: 25,
+                bytes: 4
+            })
+        );
+        assert!(faults.close && !faults.close_next && !faults.reset);
+        assert_eq!(knobs.fault_times, Some(2));
+        knobs.clear_answer_faults();
+        assert!(knobs.answer_faults().is_none());
+        assert_eq!(knobs.poll_faults.len(), 7, "job knobs stay");
+
+        for (name, bad) in [
+            ("x-emulator-truncate", "-1"),
+            ("x-emulator-truncate", "ten"),
+            ("x-emulator-drip-ms", "99999999999"),
+            ("x-emulator-drip-bytes", "8"),
+            ("x-emulator-close", "maybe"),
+            ("x-emulator-fault-times", "0"),
+            ("x-emulator-poll-faults", "explode"),
+            ("x-emulator-poll-faults", "delay=x"),
+            ("x-emulator-poll-faults", "99"),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert(name, HeaderValue::from_static(bad));
+            assert!(Knobs::from_headers(&headers).is_err(), "{name}: {bad}");
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert("x-emulator-drip-ms", HeaderValue::from_static("5"));
+        headers.insert("x-emulator-drip-bytes", HeaderValue::from_static("0"));
+        assert!(Knobs::from_headers(&headers).is_err());
+        let mut headers = HeaderMap::new();
+        headers.insert("x-emulator-close", HeaderValue::from_static("Next"));
+        let faults = Knobs::from_headers(&headers).unwrap().answer_faults();
+        assert!(faults.close_next && !faults.close);
     }
 
     #[test]
