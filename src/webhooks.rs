@@ -86,8 +86,9 @@ struct Envelope {
     kind: Option<String>,
     #[serde(default)]
     code: Option<String>,
+    /// Kept as raw JSON so the job's `response.body` reaches the app with Rutter's exact bytes.
     #[serde(default)]
-    job: Option<serde_json::Value>,
+    job: Option<Box<serde_json::value::RawValue>>,
 }
 
 /// Counters for operations and tests.
@@ -295,7 +296,7 @@ impl WebhookReceiver {
         let is_job = envelope.kind.as_deref() == Some("JOB");
         let job = match (is_job, envelope.code.as_deref(), envelope.job) {
             (true, Some("JOB_COMPLETED"), Some(job)) => {
-                Some(serde_json::from_value::<JobObject>(job).map_err(|_| {
+                Some(serde_json::from_str::<JobObject>(job.get()).map_err(|_| {
                     self.stats.malformed.fetch_add(1, Relaxed);
                     self.metrics.webhook("malformed");
                     ProxyError::WebhookMalformed("the job object has no id or status".into())
