@@ -152,11 +152,15 @@ pts = [(t, r) for t, r, _ in rows if t >= warm]
 mt, mr = mean([t for t, _ in pts]), mean([r for _, r in pts])
 den = sum((t - mt) ** 2 for t, _ in pts) or 1.0
 slope = sum((t - mt) * (r - mr) for t, r in pts) / den * 600 / 1024
+half = [(t, r) for t, r, _ in rows if t >= t_end / 2]
+mh, mrh = mean([t for t, _ in half]), mean([r for _, r in half])
+den_h = sum((t - mh) ** 2 for t, _ in half) or 1.0
+slope_half = sum((t - mh) * (r - mrh) for t, r in half) / den_h * 600 / 1024
 jobs = [int(j) for _, _, j in rows if j]
 print(f"samples {len(rows)} over {t_end:.0f} s; warm-up {warm:.0f} s")
 print(f"min {mib(min(rss)):.1f} MiB, max {mib(max(rss)):.1f} MiB")
 print(f"first-minute mean {mib(mean(first)):.1f} MiB, last-minute mean {mib(mean(last)):.1f} MiB")
-print(f"mean after warm-up {mib(mean(after)):.1f} MiB; slope after warm-up {slope:+.2f} MiB per 10 min")
+print(f"mean after warm-up {mib(mean(after)):.1f} MiB; slope after warm-up {slope:+.2f} MiB per 10 min, over the second half {slope_half:+.2f} MiB per 10 min")
 if jobs:
     print(f"jobs_tracked: max {max(jobs)}, last {jobs[-1]}")
 ratio = mean(last) / mean(after)

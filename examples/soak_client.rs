@@ -78,6 +78,7 @@ struct Tally {
     sidecar_errors: u64,
     unexpected: u64,
     replayed: u64,
+    duplicates_not_replayed: u64,
     skipped: u64,
     latency_ms: Vec<u32>,
 }
@@ -212,6 +213,10 @@ async fn one(state: Arc<State>, kind: Kind, n: u64) {
             }
             if parts.headers.contains_key("idempotent-replayed") {
                 tally.replayed += 1;
+            } else if kind == Kind::Duplicate {
+                // Answered by a new flight: the first answer was no longer in the idempotency cache
+                // (coalescing with a write still in flight is counted here too).
+                tally.duplicates_not_replayed += 1;
             }
             let expected = match kind {
                 Kind::FailingWrite => status == 400,
@@ -264,11 +269,12 @@ fn report(state: &State, elapsed: Duration) {
         }
     };
     println!(
-        "[{:>5.0}s] answered {total}, unexpected {}, sidecar errors {}, replayed {}, skipped ticks {}, latency p50 {} ms p99 {} ms max {} ms",
+        "[{:>5.0}s] answered {total}, unexpected {}, sidecar errors {}, replayed {}, duplicates not replayed {}, skipped ticks {}, latency p50 {} ms p99 {} ms max {} ms",
         elapsed.as_secs_f64(),
         tally.unexpected,
         tally.sidecar_errors,
         tally.replayed,
+        tally.duplicates_not_replayed,
         tally.skipped,
         pct(0.5),
         pct(0.99),

@@ -8,7 +8,8 @@
 //! - `is_terminal` and `terminal_outcome` never panic; `success`, `failure` and `partial_success`
 //!   are terminal, `prequeued` and `pending` are not;
 //! - an `Ok` outcome has the job's id and status, an `http_status` in 200..=599, and a body that is
-//!   valid JSON; an `Err` is `JOB_RESULT_INVALID` and renders a 502 without panicking.
+//!   valid JSON and is exactly the bytes of `response.body` in the input (or `null` when absent);
+//!   an `Err` is `JOB_RESULT_INVALID` and renders a 502 without panicking.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -38,14 +39,32 @@ fn check(job: &JobObject) {
     }
 }
 
+/// `response.body` as raw bytes, read independently of `JobObject`.
+#[derive(serde::Deserialize)]
+struct RawJob<'a> {
+    #[serde(borrow)]
+    response: Option<RawResponse<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct RawResponse<'a> {
+    #[serde(borrow)]
+    body: Option<&'a serde_json::value::RawValue>,
+}
+
 fuzz_target!(|data: &[u8]| {
-    if let Ok(job) = serde_json::from_slice::<JobObject>(data) {
-        check(&job);
-    }
-    // The webhook receiver reads the envelope into a `serde_json::Value` first.
-    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) {
-        if let Ok(job) = serde_json::from_value::<JobObject>(value) {
-            check(&job);
+    let Ok(job) = serde_json::from_slice::<JobObject>(data) else {
+        return;
+    };
+    check(&job);
+    // The answer carries Rutter's exact bytes, never a re-serialisation.
+    if let (Ok(result), Ok(text)) = (terminal_outcome(&job), std::str::from_utf8(data)) {
+        if let Ok(raw) = serde_json::from_str::<RawJob>(text) {
+            let expected = raw
+                .response
+                .and_then(|r| r.body)
+                .map_or("null", |b| b.get());
+            assert_eq!(&result.body[..], expected.as_bytes());
         }
     }
 });
