@@ -230,6 +230,8 @@ impl IdempotencyStore {
             .max_capacity(config.max_bytes)
             .weigher(|_key: &Digest, answer: &Arc<StoredAnswer>| answer.weight())
             .time_to_live(config.ttl)
+            // LRU admission: a full cache keeps the newest answers, which late duplicates ask for.
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
             .build();
         IdempotencyStore {
             finished,
