@@ -18,6 +18,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Frame;
 use http_body_util::{BodyExt, BodyStream, Limited, StreamBody};
@@ -35,7 +36,7 @@ use crate::jobs::{self, JobRegistry, Outcome, PollTarget, TrackError, MAX_JOB_BY
 use crate::lifecycle::Lifecycle;
 use crate::proxy;
 use crate::rewrite::{self, BodyMode};
-use crate::routes::{split_path, RoutePattern};
+use crate::routes::{is_versioned, RoutePattern};
 use crate::telemetry::Metrics;
 use crate::upstream::{CallKind, Upstream, UpstreamFailure};
 
@@ -46,6 +47,9 @@ pub const X_RUTTER_REQUEST_ID: HeaderName = HeaderName::from_static("x-rutter-re
 /// `X-Request-Id`: the request's correlation id, taken from the app or generated, logged, forwarded
 /// upstream and returned.
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// `Prefer` (RFC 7240).
+const PREFER: HeaderName = HeaderName::from_static("prefer");
 /// `X-Rutter-Version`: the API version the app asked for, echoed on job polls.
 pub const X_RUTTER_VERSION: HeaderName = HeaderName::from_static("x-rutter-version");
 
@@ -202,8 +206,9 @@ fn request_id(headers: &mut HeaderMap) -> HeaderValue {
     if let Some(id) = usable {
         return id.clone();
     }
-    let id = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
-        .unwrap_or(HeaderValue::from_static("-"));
+    let mut text = uuid::Uuid::encode_buffer();
+    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+    let id = HeaderValue::from_str(text).unwrap_or(HeaderValue::from_static("-"));
     headers.insert(X_REQUEST_ID, id.clone());
     id
 }
@@ -274,6 +279,8 @@ pub struct Proxy {
     jobs: Arc<JobRegistry>,
     idempotency: IdempotencyStore,
     injected_authorization: Option<HeaderValue>,
+    /// The `Host` value for upstream requests (computed once).
+    upstream_host: HeaderValue,
     metrics: Arc<Metrics>,
     lifecycle: Arc<Lifecycle>,
 }
@@ -358,6 +365,7 @@ impl Proxy {
     ) -> Self {
         Proxy {
             injected_authorization: credentials.basic_authorization(),
+            upstream_host: proxy::host_header(upstream.base()),
             idempotency: IdempotencyStore::new(&config.idempotency),
             config,
             upstream,
@@ -422,8 +430,8 @@ impl Proxy {
 
     /// Phase 1: classify.
     fn classify(&self, parts: &http::request::Parts, started: Instant) -> Inspection {
-        let prefer = rewrite::parse_prefer(parts.headers.get_all("prefer"));
-        let (versioned, _) = split_path(parts.uri.path());
+        let prefer = rewrite::parse_prefer(parts.headers.get_all(&PREFER));
+        let versioned = is_versioned(parts.uri.path());
         let route = self
             .config
             .facade
@@ -485,8 +493,12 @@ impl Proxy {
         if self.lifecycle.is_grace_over() {
             return Err(ProxyError::ShuttingDown);
         }
-        let path = parts.uri.path().to_string();
-        let query = parts.uri.query().map(str::to_string);
+        // Checked above: origin-form or absolute-form, so there is a path. A clone shares the bytes.
+        let target = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         // `_present` lives as long as the app's request: when the app disconnects it is dropped.
         let (presence, _present) = watch::channel(());
         let app = AppRequest {
@@ -515,12 +527,11 @@ impl Proxy {
         let work = Box::pin(async move {
             match inspection.class {
                 Class::Facade => {
-                    this.facade(app, &path, query.as_deref(), incoming, inspection)
+                    this.facade(app, target.path(), target.query(), incoming, inspection)
                         .await
                 }
                 Class::ExplicitAsync | Class::Passthrough => {
-                    this.passthrough(app, &path, query.as_deref(), incoming, inspection)
-                        .await
+                    this.passthrough(app, &target, incoming, inspection).await
                 }
             }
         });
@@ -931,8 +942,7 @@ impl Proxy {
     async fn passthrough<B>(
         &self,
         app: AppRequest,
-        path: &str,
-        query: Option<&str>,
+        target: &PathAndQuery,
         incoming: B,
         mut inspection: Inspection,
     ) -> Result<Response<Body>, ProxyError>
@@ -940,7 +950,6 @@ impl Proxy {
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
-        let target = proxy::path_and_query(path, query);
         let is_write = !matches!(app.method, Method::GET | Method::HEAD | Method::OPTIONS);
         let body = if inspection.class == Class::Passthrough && is_write && is_json(&app.headers) {
             match peek_body(incoming, self.config.facade.max_body).await {
@@ -959,20 +968,27 @@ impl Proxy {
                     )))
                 }
             }
+        } else if http_body::Body::is_end_stream(&incoming) {
+            // No body (a plain GET): nothing to stream, nothing that can fail.
+            body::empty()
         } else {
             body::boxed(incoming)
         };
         // If the app's own body fails while streaming (bad chunked framing, a reset), the exchange
         // fails too: that is the app's fault (400), not Rutter's (502).
         let app_body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = Arc::clone(&app_body_failed);
-        let body = body
-            .map_err(move |error| {
+        let body = if http_body::Body::is_end_stream(&body) {
+            body
+        } else {
+            let flag = Arc::clone(&app_body_failed);
+            body.map_err(move |error| {
                 flag.store(true, std::sync::atomic::Ordering::Relaxed);
                 error
             })
-            .boxed_unsync();
-        let mut request = self.upstream_request(&app, &target, body)?;
+            .boxed_unsync()
+        };
+        let uri = proxy::upstream_uri_from(self.upstream.base(), target)?;
+        let mut request = self.upstream_request_to(&app, uri, body);
         let may_await =
             inspection.class == Class::Passthrough && (is_write || inspection.route.is_some());
         if may_await {
@@ -990,14 +1006,6 @@ impl Proxy {
         let repeatable = matches!(app.method, Method::GET | Method::HEAD)
             && !app.headers.contains_key(header::CONTENT_LENGTH)
             && !app.headers.contains_key(header::TRANSFER_ENCODING);
-        let retry = repeatable.then(|| {
-            let (parts, _) = Request::new(()).into_parts();
-            let mut copy = Request::from_parts(parts, body::empty());
-            *copy.method_mut() = request.method().clone();
-            *copy.uri_mut() = request.uri().clone();
-            *copy.headers_mut() = request.headers().clone();
-            copy
-        });
         let mut result = self
             .lifecycle
             .until_cutoff(
@@ -1007,8 +1015,16 @@ impl Proxy {
             .await
             .ok_or(ProxyError::ShuttingDown)?;
         let broken = matches!(&result, Err(failure) if matches!(failure.error, ProxyError::UpstreamUnavailable(_)));
-        if let (true, Some(again)) = (broken, retry) {
+        if broken && repeatable {
             tracing::debug!("repeating an idempotent read on a fresh connection");
+            let uri = proxy::upstream_uri_from(self.upstream.base(), target)?;
+            let mut again = self.upstream_request_to(&app, uri, body::empty());
+            if may_await {
+                again.headers_mut().insert(
+                    header::ACCEPT_ENCODING,
+                    HeaderValue::from_static("identity"),
+                );
+            }
             let send = self
                 .upstream
                 .send(again, CallKind::Passthrough, budget_deadline);
@@ -1076,14 +1092,19 @@ impl Proxy {
         body: Body,
     ) -> Result<Request<Body>, ProxyError> {
         let uri = proxy::upstream_uri(self.upstream.base(), target)?;
+        Ok(self.upstream_request_to(app, uri, body))
+    }
+
+    /// Builds the upstream request to `uri`: the app's method, cleaned headers, injected credentials.
+    fn upstream_request_to(&self, app: &AppRequest, uri: Uri, body: Body) -> Request<Body> {
         let mut request = Request::new(body);
         *request.method_mut() = app.method.clone();
         *request.uri_mut() = uri;
         let headers = request.headers_mut();
         *headers = app.headers.clone();
-        proxy::prepare_request_headers(headers, self.upstream.base(), app.peer.ip(), app.version);
+        proxy::prepare_request_headers(headers, &self.upstream_host, app.peer.ip(), app.version);
         self.inject_authorization(headers);
-        Ok(request)
+        request
     }
 
     fn inject_authorization(&self, headers: &mut HeaderMap) {

@@ -10,8 +10,10 @@
 //!   base URL's path prefix.
 
 use std::net::IpAddr;
+use std::str::FromStr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Uri, Version};
 
 use crate::config::BaseUrl;
@@ -19,6 +21,9 @@ use crate::error::ProxyError;
 
 /// The product token used in `Via`.
 pub const VIA_PSEUDONYM: &str = "rutter-sidecar";
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Hop-by-hop fields that are never forwarded, whatever `Connection` says.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -32,9 +37,18 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::PROXY_AUTHORIZATION,
 ];
 
+/// Whether `name` is a hop-by-hop field whatever `Connection` says.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == header::PROXY_AUTHENTICATE
+}
+
 /// Removes hop-by-hop fields: the fixed list, `Proxy-Authenticate`, and every field named in
 /// `Connection` (RFC 9110 §7.6.1).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // The common case has none: one pass over the names instead of a lookup per listed field.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -51,40 +65,79 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::PROXY_AUTHENTICATE);
 }
 
-/// The `Via` protocol token for an HTTP version (RFC 9110 §7.6.3: `1.1`, `2`, ...).
-fn via_protocol(version: Version) -> &'static str {
+/// This proxy's `Via` entry for a message received with `version` (RFC 9110 §7.6.3: the protocol
+/// token `1.1`, `2`, ... then the pseudonym).
+fn via_entry(version: Version) -> &'static str {
     match version {
-        Version::HTTP_09 => "0.9",
-        Version::HTTP_10 => "1.0",
-        Version::HTTP_2 => "2",
-        Version::HTTP_3 => "3",
-        _ => "1.1",
+        Version::HTTP_09 => "0.9 rutter-sidecar",
+        Version::HTTP_10 => "1.0 rutter-sidecar",
+        Version::HTTP_2 => "2 rutter-sidecar",
+        Version::HTTP_3 => "3 rutter-sidecar",
+        _ => "1.1 rutter-sidecar",
     }
 }
 
 /// Appends this proxy to `Via` for a message received with `version`.
 pub fn append_via(headers: &mut HeaderMap, version: Version) {
-    let ours = format!("{} {}", via_protocol(version), VIA_PSEUDONYM);
-    let value = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.is_empty() => format!("{existing}, {ours}"),
-        _ => ours,
+    let ours = via_entry(version);
+    let existing = headers
+        .get(header::VIA)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty());
+    let value = match existing {
+        Some(existing) => {
+            let mut joined = String::with_capacity(existing.len() + 2 + ours.len());
+            joined.push_str(existing);
+            joined.push_str(", ");
+            joined.push_str(ours);
+            match HeaderValue::from_str(&joined) {
+                Ok(value) => value,
+                Err(_) => return,
+            }
+        }
+        None => HeaderValue::from_static(ours),
     };
-    headers.remove(header::VIA);
-    if let Ok(value) = HeaderValue::from_str(&value) {
-        headers.insert(header::VIA, value);
+    headers.insert(header::VIA, value);
+}
+
+/// The textual form of an address for `X-Forwarded-For` (IPv4 without going through `fmt`: this runs
+/// on every request).
+fn forwarded_address(peer: IpAddr) -> HeaderValue {
+    match peer {
+        IpAddr::V4(v4) => {
+            let mut text = [0u8; 15];
+            let mut len = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    text[len] = b'.';
+                    len += 1;
+                }
+                if octet >= 100 {
+                    text[len] = b'0' + octet / 100;
+                    len += 1;
+                }
+                if octet >= 10 {
+                    text[len] = b'0' + octet / 10 % 10;
+                    len += 1;
+                }
+                text[len] = b'0' + octet % 10;
+                len += 1;
+            }
+            HeaderValue::from_bytes(&text[..len]).unwrap_or(HeaderValue::from_static("unknown"))
+        }
+        IpAddr::V6(_) => {
+            HeaderValue::from_str(&peer.to_string()).unwrap_or(HeaderValue::from_static("unknown"))
+        }
     }
 }
 
 /// Appends the app's address to `X-Forwarded-For` and sets `X-Forwarded-Proto` to `http` (the proxy
 /// listener speaks cleartext).
 pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr) {
-    let xff = HeaderName::from_static("x-forwarded-for");
-    let proto = HeaderName::from_static("x-forwarded-proto");
+    let (xff, proto) = (X_FORWARDED_FOR, X_FORWARDED_PROTO);
     if !headers.contains_key(&xff) {
         // The common case (the app talks to the sidecar directly): no list to extend.
-        if let Ok(value) = HeaderValue::from_str(&peer.to_string()) {
-            headers.insert(xff, value);
-        }
+        headers.insert(xff, forwarded_address(peer));
         headers.insert(proto, HeaderValue::from_static("http"));
         return;
     }
@@ -111,14 +164,12 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr) {
 /// authority, forwarding fields and `Via` added.
 pub fn prepare_request_headers(
     headers: &mut HeaderMap,
-    base: &BaseUrl,
+    host: &HeaderValue,
     peer: IpAddr,
     version: Version,
 ) {
     remove_hop_by_hop(headers);
-    if let Ok(host) = HeaderValue::from_str(base.authority.as_str()) {
-        headers.insert(header::HOST, host);
-    }
+    headers.insert(header::HOST, host.clone());
     set_forwarded(headers, peer);
     append_via(headers, version);
 }
@@ -127,6 +178,11 @@ pub fn prepare_request_headers(
 pub fn prepare_response_headers(headers: &mut HeaderMap, version: Version) {
     remove_hop_by_hop(headers);
     append_via(headers, version);
+}
+
+/// The `Host` value for requests to the upstream: its authority.
+pub fn host_header(base: &BaseUrl) -> HeaderValue {
+    HeaderValue::from_str(base.authority.as_str()).unwrap_or(HeaderValue::from_static("localhost"))
 }
 
 /// The upstream URI: the base URL's scheme and authority, its path prefix, then the app's path and
@@ -142,12 +198,35 @@ pub fn upstream_uri(base: &BaseUrl, path_and_query: &str) -> Result<Uri, ProxyEr
             "the request target must be an absolute path".into(),
         ));
     }
+    if base.path_prefix.is_empty() {
+        if let Ok(target) = PathAndQuery::from_str(path_and_query) {
+            return upstream_uri_for(base, target);
+        }
+    }
     let full = format!("{}{}", base.path_prefix, path_and_query);
     Uri::builder()
         .scheme(base.scheme.clone())
         .authority(base.authority.clone())
         .path_and_query(full)
         .build()
+        .map_err(|_| ProxyError::BadRequest("the request target is not a valid URI".into()))
+}
+
+/// The upstream URI for a target the app sent, already parsed: without a base path prefix, the
+/// target's bytes are shared, not copied (the passthrough fast path).
+pub fn upstream_uri_from(base: &BaseUrl, target: &PathAndQuery) -> Result<Uri, ProxyError> {
+    if base.path_prefix.is_empty() && target.as_str().starts_with('/') {
+        return upstream_uri_for(base, target.clone());
+    }
+    upstream_uri(base, target.as_str())
+}
+
+fn upstream_uri_for(base: &BaseUrl, target: PathAndQuery) -> Result<Uri, ProxyError> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(base.scheme.clone());
+    parts.authority = Some(base.authority.clone());
+    parts.path_and_query = Some(target);
+    Uri::from_parts(parts)
         .map_err(|_| ProxyError::BadRequest("the request target is not a valid URI".into()))
 }
 
@@ -227,7 +306,7 @@ mod tests {
         ]);
         prepare_request_headers(
             &mut headers,
-            &base(""),
+            &host_header(&base("")),
             "127.0.0.1".parse().unwrap(),
             Version::HTTP_11,
         );
@@ -240,7 +319,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         prepare_request_headers(
             &mut headers,
-            &base(""),
+            &host_header(&base("")),
             "::1".parse().unwrap(),
             Version::HTTP_2,
         );
@@ -273,7 +352,70 @@ mod tests {
                 upstream_uri(&base(prefix), target).unwrap().to_string(),
                 expected
             );
+            if let Ok(parsed) = PathAndQuery::from_str(target) {
+                assert_eq!(
+                    upstream_uri_from(&base(prefix), &parsed)
+                        .unwrap()
+                        .to_string(),
+                    expected,
+                    "{target} as a parsed target"
+                );
+            }
         }
         assert!(upstream_uri(&base(""), "*").is_err());
+        let star = PathAndQuery::from_static("*");
+        assert!(upstream_uri_from(&base(""), &star).is_err());
+    }
+
+    #[test]
+    fn forwarded_address_table() {
+        for text in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.0.100.9",
+            "192.168.10.99",
+            "255.255.255.255",
+            "1.20.255.0",
+            "::1",
+            "fe80::1:2",
+        ] {
+            let ip: IpAddr = text.parse().unwrap();
+            assert_eq!(forwarded_address(ip), text);
+        }
+    }
+
+    #[test]
+    fn via_table() {
+        let cases = [
+            (None, Version::HTTP_11, "1.1 rutter-sidecar"),
+            (Some(""), Version::HTTP_11, "1.1 rutter-sidecar"),
+            (
+                Some("1.0 fred"),
+                Version::HTTP_10,
+                "1.0 fred, 1.0 rutter-sidecar",
+            ),
+            (
+                Some("2 a, 1.1 b"),
+                Version::HTTP_2,
+                "2 a, 1.1 b, 2 rutter-sidecar",
+            ),
+        ];
+        for (existing, version, expected) in cases {
+            let mut headers = HeaderMap::new();
+            if let Some(existing) = existing {
+                headers.insert(header::VIA, HeaderValue::from_static(existing));
+            }
+            append_via(&mut headers, version);
+            assert_eq!(headers.get_all(header::VIA).iter().count(), 1);
+            assert_eq!(headers[header::VIA], expected);
+        }
+    }
+
+    #[test]
+    fn headers_without_hop_by_hop_fields_are_untouched() {
+        let mut headers = map(&[("accept", "*/*"), ("x-a", "1"), ("x-a", "2")]);
+        let before = headers.clone();
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(headers, before);
     }
 }

@@ -60,7 +60,14 @@ fn pair_key_value(pair: &str) -> (Cow<'_, str>, Cow<'_, str>) {
 
 /// Whether a raw query string asks for `response_mode=async` (no allocation for plain queries).
 pub fn query_asks_async(query: Option<&str>) -> bool {
-    query.unwrap_or("").split('&').any(|pair| {
+    let Some(query) = query else {
+        return false;
+    };
+    // Without percent-escapes, `async` must appear literally (the common, cheap case).
+    if !query.contains("async") && !query.contains('%') {
+        return false;
+    }
+    query.split('&').any(|pair| {
         let (key, value) = pair_key_value(pair);
         key == RESPONSE_MODE && value == "async"
     })
@@ -316,6 +323,9 @@ mod tests {
         )));
         assert!(!query_asks_async(Some("response_mode=prefer_sync&x=async")));
         assert!(!query_asks_async(None));
+        assert!(!query_asks_async(Some("access_token=abc&limit=50")));
+        assert!(query_asks_async(Some("response_mode=asy%6Ec")));
+        assert!(query_asks_async(Some("x=1&response_mode=async&y=2")));
         assert_eq!(
             strip_query_response_mode(Some("a=1&response_mode=async&b=%20")),
             "a=1&b=%20"

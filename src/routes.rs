@@ -157,6 +157,8 @@ impl fmt::Display for RoutePattern {
 #[derive(Debug, Clone)]
 pub struct RouteTable {
     routes: Vec<RoutePattern>,
+    /// The distinct methods of `routes`: a request with another method is passthrough at once.
+    methods: Vec<Method>,
 }
 
 impl Default for RouteTable {
@@ -166,7 +168,7 @@ impl Default for RouteTable {
             // ok: a constant table, parsed by `default_table_covers_every_documented_write`.
             .map(|s| RoutePattern::parse(s).expect("the built-in route table parses")) // ok: constant
             .collect();
-        RouteTable { routes }
+        RouteTable::new(routes)
     }
 }
 
@@ -182,10 +184,22 @@ pub fn split_path(path: &str) -> (bool, Vec<&str>) {
     (versioned, segments)
 }
 
+/// Whether a path is under `/versioned` (the same rule as [`split_path`], without splitting).
+pub fn is_versioned(path: &str) -> bool {
+    path.strip_prefix("/versioned")
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 impl RouteTable {
     /// A table of the given patterns.
     pub fn new(routes: Vec<RoutePattern>) -> Self {
-        RouteTable { routes }
+        let mut methods: Vec<Method> = Vec::new();
+        for route in &routes {
+            if !methods.contains(&route.method) {
+                methods.push(route.method.clone());
+            }
+        }
+        RouteTable { routes, methods }
     }
 
     /// The patterns in this table.
@@ -195,6 +209,10 @@ impl RouteTable {
 
     /// The pattern matching `method` and `path` (path without query), if the route is async-capable.
     pub fn find(&self, method: &Method, path: &str) -> Option<&RoutePattern> {
+        // Most requests (reads) match no route's method: no need to split the path.
+        if !self.methods.contains(method) {
+            return None;
+        }
         let (_, segments) = split_path(path);
         if is_job_path(&segments) {
             return None;
@@ -213,6 +231,23 @@ pub fn is_job_path(segments: &[&str]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versioned_agrees_with_split_path() {
+        for path in [
+            "/versioned",
+            "/versioned/",
+            "/versioned/accounting/invoices",
+            "/versionedx/a",
+            "/versioned//",
+            "/accounting/invoices",
+            "/",
+            "",
+            "/Versioned/a",
+        ] {
+            assert_eq!(is_versioned(path), split_path(path).0, "{path:?}");
+        }
+    }
 
     #[test]
     fn matching_table() {

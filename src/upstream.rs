@@ -288,6 +288,8 @@ impl Upstream {
 pub struct IdleTimeout {
     inner: Body,
     limit: Duration,
+    /// When the last frame arrived (or the wrap): the body fails at `silent_since + limit`.
+    silent_since: Instant,
     timer: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
@@ -298,6 +300,7 @@ impl IdleTimeout {
         http_body_util::BodyExt::boxed_unsync(IdleTimeout {
             inner,
             limit,
+            silent_since: Instant::now(),
             timer,
         })
     }
@@ -316,17 +319,26 @@ impl http_body::Body for IdleTimeout {
         let this = &mut *self;
         match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                let next = Instant::now() + this.limit;
-                this.timer.as_mut().reset(next);
+                // Only noted here; the timer is moved when it fires (no timer-wheel work per frame).
+                this.silent_since = Instant::now();
                 Poll::Ready(frame)
             }
-            Poll::Pending => match this.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(format!(
-                    "Rutter sent nothing for {}; the answer was cut",
-                    humantime::format_duration(this.limit)
-                )
-                .into()))),
-                Poll::Pending => Poll::Pending,
+            Poll::Pending => loop {
+                match this.timer.as_mut().poll(cx) {
+                    Poll::Pending => break Poll::Pending,
+                    Poll::Ready(()) => {
+                        let due = this.silent_since + this.limit;
+                        if Instant::now() < due {
+                            this.timer.as_mut().reset(due);
+                            continue;
+                        }
+                        break Poll::Ready(Some(Err(format!(
+                            "Rutter sent nothing for {}; the answer was cut",
+                            humantime::format_duration(this.limit)
+                        )
+                        .into())));
+                    }
+                }
             },
         }
     }
