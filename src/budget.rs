@@ -106,7 +106,8 @@ impl Budget {
             window: rate.per + rate.per / 50,
             state: Mutex::new(Window {
                 running: 0,
-                ended: VecDeque::with_capacity(limit),
+                // Grows with the traffic: a large configured limit costs nothing while idle.
+                ended: VecDeque::with_capacity(limit.min(1024)),
                 closed_until: None,
                 app_waiting: 0,
             }),

@@ -405,6 +405,12 @@ impl Proxy {
         let request_id = request_id(&mut parts.headers);
         let inspection = self.classify(&parts, started);
         let class = inspection.class;
+        // Kept until the answer; a facade request may wait long, so not as a view into the read buffer.
+        let request_id = if class == Class::Facade {
+            HeaderValue::from_bytes(request_id.as_bytes()).unwrap_or(request_id)
+        } else {
+            request_id
+        };
         let span = tracing::info_span!(
             "request",
             request_id = %request_id.to_str().unwrap_or("-"),
@@ -415,7 +421,7 @@ impl Proxy {
             key = tracing::field::Empty,
         );
         let work = async {
-            let result = self.serve(parts, incoming, peer, inspection).await;
+            let result = Box::pin(self.serve(parts, incoming, peer, inspection)).await;
             let mut response = result.unwrap_or_else(error_response);
             let status = response.status().as_u16();
             let elapsed = started.elapsed();
@@ -493,18 +499,34 @@ impl Proxy {
         if self.lifecycle.is_grace_over() {
             return Err(ProxyError::ShuttingDown);
         }
+        let http::request::Parts {
+            method,
+            uri,
+            version,
+            headers,
+            ..
+        } = parts;
         // Checked above: origin-form or absolute-form, so there is a path. A clone shares the bytes.
-        let target = parts
-            .uri
+        let mut target = uri
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        drop(uri);
+        let mut headers = headers;
+        if inspection.class == Class::Facade {
+            // A facade request may wait for minutes: what it keeps must not pin the connection's
+            // read buffer (the parsed head and body are views into it).
+            headers = body::detached_headers(&headers);
+            target =
+                PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(target.as_str().as_bytes()))
+                    .unwrap_or(target);
+        }
         // `_present` lives as long as the app's request: when the app disconnects it is dropped.
         let (presence, _present) = watch::channel(());
         let app = AppRequest {
-            method: parts.method,
-            version: parts.version,
-            headers: parts.headers,
+            method,
+            version,
+            headers,
             versioned: inspection.versioned,
             peer,
             presence: Arc::new(presence),
@@ -570,7 +592,7 @@ impl Proxy {
             return Err(ProxyError::BodyTooLarge { limit });
         }
         let read = Limited::new(incoming, limit).collect();
-        let bytes = tokio::time::timeout(self.config.listen.idle_timeout, read)
+        let read = tokio::time::timeout(self.config.listen.idle_timeout, read)
             .await
             .map_err(|_| ProxyError::BadRequest("the request body did not arrive in time".into()))?
             .map_err(|e| {
@@ -581,6 +603,9 @@ impl Proxy {
                 }
             })?
             .to_bytes();
+        // Kept until the job ends (retries resend it): a copy, not a view into the read buffer.
+        let bytes = Bytes::copy_from_slice(&read);
+        drop(read);
         if rewrite::body_response_mode(&bytes) == BodyMode::Object(Some("async".into())) {
             tracing::Span::current().record("class", Class::ExplicitAsync.as_str());
             let target = proxy::path_and_query(path, query);

@@ -449,7 +449,8 @@ impl JobRegistry {
             attempt = attempt.saturating_add(1);
             // While webhooks arrive, or while nobody waits any more, polls may be further apart.
             let webhooks = self.webhooks_active() || alone_since.is_some();
-            match self.poll_once(&job_id, &target).await {
+            // Boxed: between polls (most of a job's life) the loop holds only its own small state.
+            match Box::pin(self.poll_once(&job_id, &target)).await {
                 PollResult::Done(outcome) => {
                     if self.finish(&job_id, &tracker, outcome) {
                         self.stats.completed_by_poll.fetch_add(1, Ordering::Relaxed);

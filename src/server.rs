@@ -235,7 +235,13 @@ async fn serve<H, F>(
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let builder = http_builder(&limits);
+    // One builder per protocol, chosen by peeking at the first bytes: hyper-util's own detection
+    // hands HTTP/1 the 24 sniffed bytes as a short first read, which makes every connection's read
+    // buffer grow to 16 KiB instead of 8 KiB.
+    let builders = Arc::new((
+        http_builder(&limits).http1_only(),
+        http_builder(&limits).http2_only(),
+    ));
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     loop {
@@ -268,10 +274,18 @@ async fn serve<H, F>(
                     let response = handler(request, peer);
                     async move { Ok::<_, Infallible>(response.await) }
                 });
-                let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let connection = graceful.watch(connection);
+                let watcher = graceful.watcher();
+                let builders = Arc::clone(&builders);
                 let first_request_by = limits.idle_timeout;
                 tokio::spawn(async move {
+                    let Some(http2) = sniff_http2(&stream, first_request_by).await else {
+                        tracing::debug!(%peer, "closed a connection that sent no request");
+                        drop(slot);
+                        return;
+                    };
+                    let builder = if http2 { &builders.1 } else { &builders.0 };
+                    let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                    let connection = watcher.watch(connection);
                     let silent = async {
                         tokio::time::sleep(first_request_by).await;
                         if spoke.load(Ordering::Relaxed) {
@@ -294,6 +308,36 @@ async fn serve<H, F>(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether a new connection speaks HTTP/2 with prior knowledge, decided by peeking (nothing is
+/// consumed). `None` when it closes or sends nothing within `within`.
+async fn sniff_http2(stream: &tokio::net::TcpStream, within: Duration) -> Option<bool> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut first = [0u8; HTTP2_PREFACE.len()];
+    loop {
+        let read = tokio::time::timeout_at(deadline, stream.peek(&mut first))
+            .await
+            .ok()?
+            .ok()?;
+        if read == 0 {
+            return None;
+        }
+        if first[..read] != HTTP2_PREFACE[..read] {
+            return Some(false);
+        }
+        if read == HTTP2_PREFACE.len() {
+            return Some(true);
+        }
+        // Part of the preface so far: the rest is on its way (peeking again at once would spin).
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+    }
 }
 
 /// Resolves once the stop flag is set (or its sender is gone).

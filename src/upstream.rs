@@ -252,7 +252,10 @@ impl Upstream {
                 .request(request)
                 .await
                 .map_err(|e| classify(&e))?;
-            let (parts, body) = response.into_parts();
+            let (mut parts, body) = response.into_parts();
+            // What a buffered exchange returns may be kept for long (a job's async_response, a
+            // stored result): copied out of the connection's read buffer so it does not pin it.
+            parts.headers = crate::body::detached_headers(&parts.headers);
             let bytes =
                 Limited::new(body, max_body)
                     .collect()
@@ -264,7 +267,8 @@ impl Upstream {
                         )),
                         nothing_sent: false,
                     })?;
-            Ok((parts, bytes.to_bytes()))
+            let bytes = bytes.to_bytes();
+            Ok((parts, Bytes::copy_from_slice(&bytes)))
         });
         match tokio::time::timeout(self.request_timeout, exchange).await {
             Ok(Ok((parts, bytes))) => {

@@ -741,3 +741,57 @@ async fn hop_by_hop_response_headers_are_dropped() {
     assert_eq!(reply.header("x-rutter-request-id"), Some("rid-1"));
     assert_eq!(reply.header("via"), Some("1.1 rutter-sidecar"));
 }
+
+/// The protocol is chosen by peeking at the first bytes: an HTTP/2 preface that arrives in pieces
+/// (here split by a relay, 50 ms apart) is still recognised, and HTTP/1.1 on the same listener
+/// still works.
+#[tokio::test]
+async fn a_preface_arriving_in_pieces_is_still_http2() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rutter = start_emulator(emulator_options(50)).await;
+    let sidecar = start_sidecar(config_for(rutter.addr)).await;
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let target = sidecar.addr;
+    let relay_task = tokio::spawn(async move {
+        let (mut app, _) = relay.accept().await.unwrap();
+        let mut upstream = tokio::net::TcpStream::connect(target).await.unwrap();
+        let mut first = [0u8; 24];
+        app.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first[..], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        for piece in [&first[..5], &first[5..17], &first[17..]] {
+            upstream.write_all(piece).await.unwrap();
+            upstream.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = tokio::io::copy_bidirectional(&mut app, &mut upstream).await;
+    });
+    let reply = send(
+        &h2_client(),
+        relay_addr,
+        Method::GET,
+        &format!("/versioned/accounting/accounts?access_token={TOKEN}"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let seen = rutter.emulator.seen();
+    let read = seen.iter().find(|r| r.method == Method::GET).unwrap();
+    assert!(read.headers["via"]
+        .to_str()
+        .unwrap()
+        .contains("2 rutter-sidecar"));
+    relay_task.abort();
+    // HTTP/1.1 on the same listener.
+    let reply = send(
+        &client(),
+        sidecar.addr,
+        Method::GET,
+        &format!("/versioned/accounting/accounts?access_token={TOKEN}"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+}
