@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 quick=false
 [ "${1:-}" = "--quick" ] && quick=true
 
-duration=20; rate=2000; waiters=10000; facade_requests=200; fanin=1000
-if $quick; then duration=5; waiters=3000; facade_requests=60; fanin=300; fi
+duration=20; rounds=3; rate=2000; waiters=10000; facade_requests=200; fanin=1000
+if $quick; then duration=4; rounds=3; waiters=3000; facade_requests=60; fanin=300; fi
 
 need_apt=()
 command -v wrk >/dev/null || need_apt+=(wrk)
@@ -79,41 +79,62 @@ nginx_pids=$(pgrep -f "nginx: worker process" | tr '\n' ' ')
 path="/versioned/accounting/accounts?access_token=00000000-0000-4000-8000-000000000001"
 
 echo
-echo "== passthrough: GET $path (a ~2 KB JSON list), ${duration}s per run"
+echo "== passthrough: GET $path (a ~4 KB JSON list), ${duration}s per run, $rounds rounds (direct, nginx, sidecar interleaved); medians"
 echo
-echo "| target | wrk peak req/s (64 conns) | vs direct | CPU s per 10k req (proxy only) | oha @${rate}/s p50 (ms) | p99 (ms) | p99.9 (ms) |"
-echo "|---|---|---|---|---|---|---|"
-declare -A rps p50 p99 p999
-for target in direct nginx sidecar; do
-  case $target in
-    direct) port=$emu_port; proc="";;
-    nginx) port=$nginx_port; proc=$nginx_pids;;
-    sidecar) port=$side_port; proc=$side_pid;;
-  esac
-  url="http://127.0.0.1:$port$path"
-  before=0; [ -n "$proc" ] && before=$(ticks $proc)
-  out=$(wrk -t2 -c64 -d"${duration}s" "$url")
-  after=0; [ -n "$proc" ] && after=$(ticks $proc)
-  total=$(echo "$out" | awk '/requests in/ {print $1}')
-  rps[$target]=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-  cpu="–"
-  if [ -n "$proc" ] && [ "${total:-0}" -gt 0 ]; then
-    cpu=$(python3 -c "print(f'{($after-$before)/100/$total*10000:.2f}')")
-  fi
-  json=$(oha -z "${duration}s" -q "$rate" -c 32 --latency-correction --no-tui --output-format json "$url" 2>/dev/null || oha -z "${duration}s" -q "$rate" -c 32 --latency-correction --no-tui -j "$url")
-  read -r p50[$target] p99[$target] p999[$target] < <(echo "$json" | python3 -c '
+results="$work/passthrough.tsv"
+: >"$results"
+for round in $(seq 1 "$rounds"); do
+  for target in direct nginx sidecar; do
+    case $target in
+      direct) port=$emu_port; proc="";;
+      nginx) port=$nginx_port; proc=$nginx_pids;;
+      sidecar) port=$side_port; proc=$side_pid;;
+    esac
+    url="http://127.0.0.1:$port$path"
+    before=0; [ -n "$proc" ] && before=$(ticks $proc)
+    out=$(wrk -t2 -c64 -d"${duration}s" "$url")
+    after=0; [ -n "$proc" ] && after=$(ticks $proc)
+    total=$(echo "$out" | awk '/requests in/ {print $1}')
+    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+    cpu=nan
+    if [ -n "$proc" ] && [ "${total:-0}" -gt 0 ]; then
+      cpu=$(python3 -c "print(($after-$before)/100/$total*10000)")
+    fi
+    json=$(oha -z "${duration}s" -q "$rate" -c 32 --latency-correction --no-tui --output-format json "$url" 2>/dev/null || oha -z "${duration}s" -q "$rate" -c 32 --latency-correction --no-tui -j "$url")
+    lat=$(echo "$json" | python3 -c '
 import json,sys
 d=json.load(sys.stdin); p=d["latencyPercentiles"]
 print(" ".join(f"{p[k]*1000:.3f}" for k in ("p50","p99","p99.9")))')
-  ratio=$(python3 -c "print(f'{${rps[$target]}/${rps[direct]}:.2f}')")
-  echo "| $target | ${rps[$target]} | ${ratio}x | $cpu | ${p50[$target]} | ${p99[$target]} | ${p999[$target]} |"
+    echo "$target $round $rps $cpu $lat" >>"$results"
+    echo "   round $round $target: $rps req/s, latency p50/p99/p99.9 $lat ms" >&2
+  done
 done
-echo
-python3 - "${rps[sidecar]}" "${rps[nginx]}" "${rps[direct]}" "${p99[sidecar]}" "${p99[nginx]}" "${p99[direct]}" <<'PY'
-import sys
-s, n, d, sp, np_, dp = map(float, sys.argv[1:])
-print(f"sidecar/nginx throughput: {s/n:.2f}x   sidecar/direct: {s/d:.2f}x")
-print(f"added p99 latency: sidecar {sp-dp:.3f} ms, nginx {np_-dp:.3f} ms")
+python3 - "$results" "$rate" <<'PY'
+import sys, statistics as st
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+rate = sys.argv[2]
+by = {}
+for t, r, rps, cpu, p50, p99, p999 in rows:
+    by.setdefault(t, []).append((int(r), float(rps), float(cpu), float(p50), float(p99), float(p999)))
+med = {t: [st.median(x[i] for x in v) for i in range(1, 6)] for t, v in by.items()}
+print(f"| target | wrk peak req/s (64 conns) | vs direct | CPU s per 10k req (proxy only) | oha @{rate}/s p50 (ms) | p99 (ms) | p99.9 (ms) |")
+print("|---|---|---|---|---|---|---|")
+for t in ("direct", "nginx", "sidecar"):
+    rps, cpu, p50, p99, p999 = med[t]
+    cpu_s = "–" if cpu != cpu else f"{cpu:.2f}"
+    print(f"| {t} | {rps:.0f} | {rps/med['direct'][0]:.2f}x | {cpu_s} | {p50:.3f} | {p99:.3f} | {p999:.3f} |")
+print()
+per_round = {}
+for t, v in by.items():
+    for r, rps, *_ in v:
+        per_round.setdefault(r, {})[t] = rps
+vs_nginx = [x["sidecar"] / x["nginx"] for x in per_round.values()]
+vs_direct = [x["sidecar"] / x["direct"] for x in per_round.values()]
+s, n, d = med["sidecar"], med["nginx"], med["direct"]
+print(f"sidecar/nginx throughput: {s[0]/n[0]:.2f}x (rounds: {', '.join(f'{x:.2f}' for x in vs_nginx)})")
+print(f"sidecar/direct throughput: {s[0]/d[0]:.2f}x (rounds: {', '.join(f'{x:.2f}' for x in vs_direct)})")
+print(f"CPU per request: sidecar/nginx {s[1]/n[1]:.2f}x")
+print(f"added p99 latency (median p99 minus direct's): sidecar {s[3]-d[3]:.3f} ms, nginx {n[3]-d[3]:.3f} ms")
 PY
 
 for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -121,16 +142,21 @@ kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
 pids=(); sleep 0.5
 
 # --- 2. facade and 4. idempotency ---------------------------------------------------------------------
+echo "(passthrough: ${SECONDS}s so far)"
 echo
 echo "== facade and idempotency"
 ./target/release/examples/bench_facade "$facade_requests"
 
 # --- 3. waiters and 5. idle ---------------------------------------------------------------------------
+echo "(${SECONDS}s so far)"
 echo
 echo "== idle and waiting requests"
-./target/release/examples/bench_waiters "$waiters" "$bin"
+./target/release/examples/bench_waiters "$waiters" "$bin" $($quick && echo quick)
 
 # --- webhook fan-in ---------------------------------------------------------------------------------
+echo "(${SECONDS}s so far)"
 echo
 echo "== webhook fan-in"
 ./target/release/examples/bench_webhooks "$fanin" 2000
+echo
+echo "(the whole run: ${SECONDS}s)"

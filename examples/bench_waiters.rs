@@ -112,6 +112,9 @@ async fn main() {
     let bin = args
         .next()
         .unwrap_or_else(|| "target/release/rutter-sidecar".into());
+    // `quick`: a shorter idle sample and max_wait (bench/run.sh --quick).
+    let quick = args.next().is_some_and(|a| a == "quick");
+    let (idle_sample, max_wait) = if quick { (5, "20s") } else { (10, "40s") };
 
     let mut emulate = Command::new(&bin);
     emulate
@@ -136,7 +139,7 @@ async fn main() {
             "UPSTREAM__RATE_LIMIT",
             "{ requests = 1000000, per = \"1s\" }".to_string(),
         ),
-        ("FACADE__MAX_WAIT", "40s".to_string()),
+        ("FACADE__MAX_WAIT", max_wait.to_string()),
         ("FACADE__POLL_INITIAL", "60s".to_string()),
         ("FACADE__POLL_MAX", "60s".to_string()),
         ("FACADE__POLL_MAX_WITH_WEBHOOKS", "60s".to_string()),
@@ -152,8 +155,8 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle_rss = rss_kib(pid);
     let ticks = cpu_ticks(pid);
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    let idle_cpu = (cpu_ticks(pid) - ticks) as f64 / 100.0 / 10.0 * 100.0;
+    tokio::time::sleep(Duration::from_secs(idle_sample)).await;
+    let idle_cpu = (cpu_ticks(pid) - ticks) as f64 / 100.0 / idle_sample as f64 * 100.0;
 
     let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(0)
