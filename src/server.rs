@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
@@ -204,24 +204,34 @@ pub async fn run(
         .await
 }
 
-/// The HTTP server settings shared by the listeners: head size limit and idle timeout.
-pub fn http_builder(limits: &ListenConfig) -> auto::Builder<TokioExecutor> {
-    let header_bytes = usize::try_from(limits.max_header_bytes)
-        .unwrap_or(usize::MAX)
-        .max(8 * 1024);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.idle_timeout)
-        .max_buf_size(header_bytes);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(header_bytes).unwrap_or(u32::MAX))
-        .keep_alive_interval(Some(limits.idle_timeout))
-        .keep_alive_timeout(Duration::from_secs(20));
-    builder
+/// The HTTP server settings shared by the listeners (head size limit, idle timeout), one builder per
+/// protocol: a connection is given to one of them after peeking at its first bytes.
+pub struct HttpBuilders {
+    /// HTTP/1.1 (and 1.0).
+    pub http1: http1::Builder,
+    /// HTTP/2 with prior knowledge (cleartext).
+    pub http2: http2::Builder<TokioExecutor>,
+}
+
+impl HttpBuilders {
+    /// The builders for `limits`.
+    pub fn new(limits: &ListenConfig) -> Self {
+        let header_bytes = usize::try_from(limits.max_header_bytes)
+            .unwrap_or(usize::MAX)
+            .max(8 * 1024);
+        let mut http1 = http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.idle_timeout)
+            .max_buf_size(header_bytes);
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(header_bytes).unwrap_or(u32::MAX))
+            .keep_alive_interval(Some(limits.idle_timeout))
+            .keep_alive_timeout(Duration::from_secs(20));
+        HttpBuilders { http1, http2 }
+    }
 }
 
 /// Accepts connections on `listener` (at most `listen.max_connections` open at once) and serves each
@@ -235,13 +245,10 @@ async fn serve<H, F>(
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    // One builder per protocol, chosen by peeking at the first bytes: hyper-util's own detection
-    // hands HTTP/1 the 24 sniffed bytes as a short first read, which makes every connection's read
-    // buffer grow to 16 KiB instead of 8 KiB.
-    let builders = Arc::new((
-        http_builder(&limits).http1_only(),
-        http_builder(&limits).http2_only(),
-    ));
+    // One builder per protocol, chosen by peeking at the first bytes (not hyper-util's `auto`, whose
+    // detection hands HTTP/1 the sniffed bytes as a short first read, growing every read buffer to
+    // 16 KiB, and whose connection type is sized for HTTP/2 even when serving HTTP/1).
+    let builders = Arc::new(HttpBuilders::new(&limits));
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     loop {
@@ -269,6 +276,8 @@ async fn serve<H, F>(
                 // `listen.idle_timeout` (silent, or a stalled HTTP/2 preface) is closed.
                 let spoke = Arc::new(AtomicBool::new(false));
                 let heard = Arc::clone(&spoke);
+                // hyper keeps room for one such future per connection (the wrapper stores the
+                // handler's future twice): handlers return small futures that box their work.
                 let service = service_fn(move |request| {
                     heard.store(true, Ordering::Relaxed);
                     let response = handler(request, peer);
@@ -283,22 +292,15 @@ async fn serve<H, F>(
                         drop(slot);
                         return;
                     };
-                    let builder = if http2 { &builders.1 } else { &builders.0 };
-                    let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                    let connection = watcher.watch(connection);
-                    let silent = async {
-                        tokio::time::sleep(first_request_by).await;
-                        if spoke.load(Ordering::Relaxed) {
-                            std::future::pending::<()>().await;
-                        }
-                    };
-                    tokio::select! {
-                        result = connection => {
-                            if let Err(error) = result {
-                                tracing::debug!(%peer, error = %error, "connection ended with an error");
-                            }
-                        }
-                        _ = silent => tracing::debug!(%peer, "closed a connection that sent no request"),
+                    let io = TokioIo::new(stream);
+                    if http2 {
+                        // Boxed: the HTTP/2 connection state is large and the task would carry its
+                        // size for every HTTP/1 connection too.
+                        let connection = watcher.watch(builders.http2.serve_connection(io, service));
+                        Box::pin(drive(connection, spoke, first_request_by, peer)).await;
+                    } else {
+                        let connection = watcher.watch(builders.http1.serve_connection(io, service));
+                        drive(connection, spoke, first_request_by, peer).await;
                     }
                     drop(slot);
                 });
@@ -308,6 +310,33 @@ async fn serve<H, F>(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// Serves one connection until it ends, or until `first_request_by` passes without a complete request
+/// head (`spoke` is set by the first request).
+async fn drive<C, E>(
+    connection: C,
+    spoke: Arc<AtomicBool>,
+    first_request_by: Duration,
+    peer: SocketAddr,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let silent = async {
+        tokio::time::sleep(first_request_by).await;
+        if spoke.load(Ordering::Relaxed) {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        result = connection => {
+            if let Err(error) = result {
+                tracing::debug!(%peer, error = %error, "connection ended with an error");
+            }
+        }
+        _ = silent => tracing::debug!(%peer, "closed a connection that sent no request"),
+    }
 }
 
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
