@@ -442,6 +442,9 @@ async fn webhooks_are_forwarded_with_the_original_bytes_and_signature_and_retrie
         "answered without waiting for the app"
     );
     wait_for(|| app.received.lock().unwrap().len() >= 3).await;
+    // The endpoint records a delivery before its answer reaches the sidecar.
+    let stats = sidecar.sidecar.webhooks.stats();
+    wait_for(|| stats.forwarded.load(Relaxed) >= 1).await;
     app.server.abort();
     let received = app.received.lock().unwrap();
     assert_eq!(received.len(), 3, "two failures, then delivered");
