@@ -11,7 +11,9 @@
 //! 6. **reply**: the job's `http_status` and body with `X-Rutter-Job-ID`, or the upstream answer as is,
 //!    or on the deadline the `on_timeout` reply.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -544,19 +546,20 @@ impl Proxy {
             && (inspection.class == Class::Facade
                 || !matches!(app.method, Method::GET | Method::HEAD | Method::OPTIONS));
         let this = Arc::clone(self);
-        // Boxed: a request waiting on a job then holds only the state it needs, not the largest
-        // state any phase could need (memory per waiting request).
-        let work = Box::pin(async move {
+        // Boxed, one box per path: a request waiting on a job then holds only the state its own
+        // path needs, not the largest state any path could need (memory per waiting request).
+        let work: Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>> =
             match inspection.class {
-                Class::Facade => {
+                Class::Facade => Box::pin(async move {
                     this.facade(app, target.path(), target.query(), incoming, inspection)
                         .await
-                }
+                }),
                 Class::ExplicitAsync | Class::Passthrough => {
-                    this.passthrough(app, &target, incoming, inspection).await
+                    Box::pin(
+                        async move { this.passthrough(app, &target, incoming, inspection).await },
+                    )
                 }
-            }
-        });
+            };
         if detach {
             let task = tokio::spawn(tracing::Instrument::instrument(
                 work,

@@ -127,7 +127,9 @@ impl Sidecar {
             listeners.proxy,
             move |request, peer| {
                 let proxy = proxy.clone();
-                async move { proxy.handle(request, peer).await }
+                // Boxed: a facade request may wait for minutes, and its connection keeps room for
+                // this future meanwhile (memory per waiting request).
+                Box::pin(async move { proxy.handle(request, peer).await })
             },
             limits.clone(),
             proxy_stopped,
@@ -276,8 +278,9 @@ async fn serve<H, F>(
                 // `listen.idle_timeout` (silent, or a stalled HTTP/2 preface) is closed.
                 let spoke = Arc::new(AtomicBool::new(false));
                 let heard = Arc::clone(&spoke);
-                // hyper keeps room for one such future per connection (the wrapper stores the
-                // handler's future twice): handlers return small futures that box their work.
+                // hyper keeps room for one such future per connection for as long as it lives,
+                // and this wrapper stores the handler's future twice: handlers that may wait
+                // return a boxed future.
                 let service = service_fn(move |request| {
                     heard.store(true, Ordering::Relaxed);
                     let response = handler(request, peer);
