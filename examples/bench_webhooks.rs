@@ -54,6 +54,9 @@ async fn one_run(waiters: usize, job_ms: u64, webhooks: bool) -> Run {
     )];
     let mut config = Config::parse("", &env).expect("config");
     config.jobs.max_tracked = waiters * 2;
+    // The emulator enforces no organisation budget here; the default (500 per 10 s) would hold most
+    // of the writes back and measure the budget instead of the fan-in.
+    config.upstream.rate_limit.requests = 1_000_000;
     let credentials = Credentials {
         client_id: None,
         client_secret: Some(SECRET.into()),
