@@ -20,7 +20,10 @@ command -v oha >/dev/null || cargo install oha --locked --quiet
 command -v python3 >/dev/null
 
 echo "== machine: $(nproc) cores, $(uname -srm); $(date -u +%Y-%m-%dT%H:%MZ)"
+built_at=$SECONDS
 cargo build --release --quiet --bins --examples
+build_s=$((SECONDS - built_at))
+echo "(build: ${build_s}s)"
 bin=./target/release/rutter-sidecar
 
 work=$(mktemp -d)
@@ -40,7 +43,7 @@ ticks() { local t=0; for pid in "$@"; do t=$((t + $(awk '{print $14+$15}' "/proc
 # --- 1. passthrough: the same GET direct, through nginx, through the sidecar -------------------------
 emu_port=$(free_port); nginx_port=$(free_port); side_port=$(free_port)
 "$bin" emulate --listen "127.0.0.1:$emu_port" --seed-entities 20 --seed 1 >"$work/emulator.log" 2>&1 &
-pids+=($!)
+emu_pid=$!; pids+=($emu_pid)
 mkdir -p "$work/nginx"
 cat >"$work/nginx.conf" <<NGINX
 worker_processes auto;
@@ -92,20 +95,24 @@ for round in $(seq 1 "$rounds"); do
     esac
     url="http://127.0.0.1:$port$path"
     before=0; [ -n "$proc" ] && before=$(ticks $proc)
+    emu_before=$(ticks $emu_pid)
     out=$(wrk -t2 -c64 -d"${duration}s" "$url")
     after=0; [ -n "$proc" ] && after=$(ticks $proc)
+    emu_after=$(ticks $emu_pid)
     total=$(echo "$out" | awk '/requests in/ {print $1}')
     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-    cpu=nan
-    if [ -n "$proc" ] && [ "${total:-0}" -gt 0 ]; then
-      cpu=$(python3 -c "print(($after-$before)/100/$total*10000)")
+    cpu=nan; emu_cpu=nan
+    if [ "${total:-0}" -gt 0 ]; then
+      [ -n "$proc" ] && cpu=$(python3 -c "print(($after-$before)/100/$total*10000)")
+      emu_cpu=$(python3 -c "print(($emu_after-$emu_before)/100/$total*10000)")
     fi
+    if echo "$out" | grep -q "Non-2xx"; then echo "$target answered errors: $out" >&2; exit 1; fi
     json=$(oha -z "${duration}s" -q "$rate" -c 32 --latency-correction --no-tui --output-format json "$url" 2>/dev/null || oha -z "${duration}s" -q "$rate" -c 32 --latency-correction --no-tui -j "$url")
     lat=$(echo "$json" | python3 -c '
 import json,sys
 d=json.load(sys.stdin); p=d["latencyPercentiles"]
 print(" ".join(f"{p[k]*1000:.3f}" for k in ("p50","p99","p99.9")))')
-    echo "$target $round $rps $cpu $lat" >>"$results"
+    echo "$target $round $rps $cpu $emu_cpu $lat" >>"$results"
     echo "   round $round $target: $rps req/s, latency p50/p99/p99.9 $lat ms" >&2
   done
 done
@@ -114,15 +121,15 @@ import sys, statistics as st
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
 rate = sys.argv[2]
 by = {}
-for t, r, rps, cpu, p50, p99, p999 in rows:
-    by.setdefault(t, []).append((int(r), float(rps), float(cpu), float(p50), float(p99), float(p999)))
-med = {t: [st.median(x[i] for x in v) for i in range(1, 6)] for t, v in by.items()}
-print(f"| target | wrk peak req/s (64 conns) | vs direct | CPU s per 10k req (proxy only) | oha @{rate}/s p50 (ms) | p99 (ms) | p99.9 (ms) |")
-print("|---|---|---|---|---|---|---|")
+for t, r, rps, cpu, emu, p50, p99, p999 in rows:
+    by.setdefault(t, []).append((int(r), float(rps), float(cpu), float(p50), float(p99), float(p999), float(emu)))
+med = {t: [st.median(x[i] for x in v) for i in range(1, 7)] for t, v in by.items()}
+print(f"| target | wrk peak req/s (64 conns) | vs direct | CPU s per 10k req: proxy | emulator | oha @{rate}/s p50 (ms) | p99 (ms) | p99.9 (ms) |")
+print("|---|---|---|---|---|---|---|---|")
 for t in ("direct", "nginx", "sidecar"):
-    rps, cpu, p50, p99, p999 = med[t]
+    rps, cpu, p50, p99, p999, emu = med[t]
     cpu_s = "–" if cpu != cpu else f"{cpu:.2f}"
-    print(f"| {t} | {rps:.0f} | {rps/med['direct'][0]:.2f}x | {cpu_s} | {p50:.3f} | {p99:.3f} | {p999:.3f} |")
+    print(f"| {t} | {rps:.0f} | {rps/med['direct'][0]:.2f}x | {cpu_s} | {emu:.2f} | {p50:.3f} | {p99:.3f} | {p999:.3f} |")
 print()
 per_round = {}
 for t, v in by.items():
@@ -134,7 +141,8 @@ s, n, d = med["sidecar"], med["nginx"], med["direct"]
 print(f"sidecar/nginx throughput: {s[0]/n[0]:.2f}x (rounds: {', '.join(f'{x:.2f}' for x in vs_nginx)})")
 print(f"sidecar/direct throughput: {s[0]/d[0]:.2f}x (rounds: {', '.join(f'{x:.2f}' for x in vs_direct)})")
 print(f"CPU per request: sidecar/nginx {s[1]/n[1]:.2f}x")
-print(f"added p99 latency (median p99 minus direct's): sidecar {s[3]-d[3]:.3f} ms, nginx {n[3]-d[3]:.3f} ms")
+added = lambda x: "/".join(f"{x[i]-d[i]:.3f}" for i in (2, 3, 4))
+print(f"added latency p50/p99/p99.9 (median percentile minus direct's, ms): sidecar {added(s)}, nginx {added(n)}")
 PY
 
 for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -159,4 +167,4 @@ echo
 echo "== webhook fan-in"
 ./target/release/examples/bench_webhooks "$fanin" 2000
 echo
-echo "(the whole run: ${SECONDS}s)"
+echo "(the whole run: ${SECONDS}s, of which building ${build_s}s)"
